@@ -1,0 +1,88 @@
+"""Playing prompts (the recording notice, apologies, warnings) and waiting for them to finish.
+
+A playback ends with ``PlaybackFinished``, but the channel may hang up first: every wait here is raced
+against the call's own view of hangups, so a caller who hangs up during the notice is never waited on.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from typing import Any, Protocol
+
+from .ari import AriError, ChannelGone
+
+log = logging.getLogger(__name__)
+
+
+class PlayOutcome(enum.Enum):
+    FINISHED = "finished"
+    HUNG_UP = "hung_up"
+    FAILED = "failed"
+
+
+class PlaybackApi(Protocol):
+    async def play(
+        self, channel_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None
+    ) -> dict[str, Any]: ...
+
+    async def stop_playback(self, playback_id: str) -> None: ...
+
+
+class Waiter(Protocol):
+    """The call's event loop: wait until a playback finished or the channel went away."""
+
+    def playback_state(self, playback_id: str) -> str | None:
+        """``done``/``failed``/``cancelled`` once PlaybackFinished arrived, else None."""
+        ...
+
+    def channel_gone(self, channel_id: str) -> bool: ...
+
+    async def next_event(self, timeout: float) -> bool:
+        """Absorb one more event into the call's state; False on timeout."""
+        ...
+
+
+def sound_media(sound: str) -> str:
+    """``kasuhara/recording-notice`` → ``sound:kasuhara/recording-notice`` (config holds Asterisk names)."""
+    if sound.startswith(("sound:", "recording:", "tone:", "digits:", "number:")):
+        return sound
+    return f"sound:{sound}"
+
+
+class NoticePlayer:
+    def __init__(self, ari: PlaybackApi, language: str, *, max_prompt_s: float = 60.0) -> None:
+        self._ari = ari
+        self.language = language
+        self.max_prompt_s = max_prompt_s
+
+    async def play(self, waiter: Waiter, channel_id: str, sound: str, *, tag: str) -> PlayOutcome:
+        """Play ``sound`` to ``channel_id`` and wait until it finished or the channel is gone."""
+        playback_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+        try:
+            await self._ari.play(channel_id, sound_media(sound), lang=self.language, playback_id=playback_id)
+        except ChannelGone:
+            return PlayOutcome.HUNG_UP
+        except AriError as exc:
+            log.error("announcement event=play_failed channel=%s sound=%s error=%s", channel_id, sound, exc)
+            return PlayOutcome.FAILED
+        waited = 0.0
+        while (state := waiter.playback_state(playback_id)) is None:
+            if waiter.channel_gone(channel_id):
+                return PlayOutcome.HUNG_UP
+            if waited >= self.max_prompt_s:
+                log.error("announcement event=stuck channel=%s sound=%s", channel_id, sound)
+                try:
+                    await self._ari.stop_playback(playback_id)
+                except AriError:
+                    pass
+                return PlayOutcome.FAILED
+            if not await waiter.next_event(timeout=1.0):
+                waited += 1.0
+        if waiter.channel_gone(channel_id):
+            return PlayOutcome.HUNG_UP
+        if state != "done":
+            log.error("announcement event=playback_%s channel=%s sound=%s", state, channel_id, sound)
+            return PlayOutcome.FAILED
+        return PlayOutcome.FINISHED

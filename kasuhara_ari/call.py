@@ -1,0 +1,381 @@
+"""One call's life as an explicit state machine: answering → notice → dialling → talking → ending.
+
+Everything that happens to a call arrives in its own inbox (the Stasis router puts ARI events there) and
+is absorbed into a few facts (which channels are up or gone, which playbacks finished, which digits the
+agent pressed). The ``run`` method reads top to bottom like the caller experiences the call, and every way
+out goes through the single teardown in ``_end``. A failure in one call never touches another: each call
+runs in its own task and its errors end only that call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from . import escalation as esc
+from .announcement import NoticePlayer, PlayOutcome
+from .ari import AriError, Channel, ChannelGone
+from .config import Config
+from .events import EventSink, now_iso
+from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class CallState(enum.Enum):
+    ANSWERING = "answering"
+    NOTICE = "notice"
+    DIALLING = "dialling"
+    TALKING = "talking"
+    ESCALATING = "escalating"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+class Telephony(Protocol):
+    """The ARI operations a call uses (AriClient implements it; unit tests use a fake)."""
+
+    async def answer(self, channel_id: str) -> None: ...
+    async def ring(self, channel_id: str) -> None: ...
+    async def hangup(self, channel_id: str, reason: str = "normal") -> None: ...
+    async def play(
+        self, channel_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None
+    ) -> dict[str, Any]: ...
+    async def stop_playback(self, playback_id: str) -> None: ...
+    async def create_channel(
+        self,
+        endpoint: str,
+        *,
+        channel_id: str,
+        app_args: str = "",
+        originator: str | None = None,
+        variables: dict[str, str] | None = None,
+    ) -> Channel: ...
+    async def dial(self, channel_id: str, *, caller: str | None = None, timeout_s: int | None = None) -> None: ...
+    async def create_bridge(self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = "") -> None: ...
+    async def add_to_bridge(
+        self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role: str | None = None
+    ) -> None: ...
+    async def destroy_bridge(self, bridge_id: str) -> None: ...
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+
+
+@dataclass
+class CallDeps:
+    cfg: Config
+    ari: Telephony
+    recorder: Recorder
+    notices: NoticePlayer
+    events: EventSink
+    #: Called once the call's metadata is on disk (the uploader's cue).
+    on_metadata: Callable[[str], Awaitable[None]] | None = None
+    #: Registers a channel id as belonging to this call before it exists (so no event is missed).
+    claim_channel: Callable[[str, Call], None] | None = None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class Call:
+    """An inbound call handed to the app by ``Stasis(kasuhara,inbound[,TARGET])``."""
+
+    def __init__(self, deps: CallDeps, caller: Channel, call_id: str, target: str, *, direction: str = "inbound"):
+        self.deps = deps
+        self.caller = caller
+        self.call_id = call_id
+        self.target = target
+        self.state = CallState.ANSWERING
+        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.bridge_id = f"kasuhara-{call_id}"
+        self.agent_id: str | None = None
+        self.started_mono = time.monotonic()
+        self.record = CallRecord(
+            call_id=call_id,
+            direction=direction,
+            caller_number=caller.caller_number,
+            caller_name=caller.caller_name,
+            target=target,
+            started_at=now_iso(),
+        )
+        self._answered_wall: float | None = None
+        self._paths: SpoolPaths | None = None
+        # Facts absorbed from events.
+        self._gone: dict[str, str] = {}  # channel id -> why
+        self._up: set[str] = set()
+        self._playbacks: dict[str, str] = {}
+        self._digits = esc.KeySequenceCollector(
+            dict(deps.cfg.escalation.keys), inter_digit_timeout_s=deps.cfg.escalation.inter_digit_timeout_s
+        )
+        self._pending_actions: list[tuple[str, str]] = []
+        self.escalation = esc.EscalationRunner(self)
+
+    # --- facts ------------------------------------------------------------------------------------------
+
+    def deliver(self, event: Event) -> None:
+        self.inbox.put_nowait(event)
+
+    def channel_gone(self, channel_id: str) -> bool:
+        return channel_id in self._gone
+
+    def channel_up(self, channel_id: str) -> bool:
+        return channel_id in self._up
+
+    def playback_state(self, playback_id: str) -> str | None:
+        return self._playbacks.get(playback_id)
+
+    def gone_reason(self, channel_id: str) -> str:
+        return self._gone.get(channel_id, "")
+
+    async def next_event(self, timeout: float) -> bool:
+        """Absorb one event (False if none came within ``timeout``)."""
+        try:
+            event = await asyncio.wait_for(self.inbox.get(), timeout)
+        except TimeoutError:
+            return False
+        self._absorb(event)
+        return True
+
+    def _absorb(self, event: Event) -> None:
+        kind = event.get("type", "")
+        chan = (event.get("channel") or {}).get("id", "")
+        if kind in ("ChannelDestroyed", "StasisEnd"):
+            if chan and chan not in self._gone:
+                cause = event.get("cause_txt") or ("left the app" if kind == "StasisEnd" else "hung up")
+                self._gone[chan] = str(cause)
+                self._on_channel_gone(chan, event)
+        elif kind == "ChannelStateChange":
+            if (event.get("channel") or {}).get("state") == "Up":
+                self._up.add(chan)
+        elif kind == "PlaybackFinished":
+            pb = event.get("playback") or {}
+            self._playbacks[str(pb.get("id", ""))] = str(pb.get("state", "done"))
+        elif kind == "ChannelDtmfReceived":
+            if chan and chan == self.agent_id:
+                action = self._digits.feed(str(event.get("digit", "")), time.monotonic())
+                if action is not None:
+                    self._pending_actions.append(action)
+            # The caller's digits never trigger anything (and are not logged: they may be card numbers).
+        elif kind == "Dial":
+            peer = (event.get("peer") or {}).get("id", "")
+            status = event.get("dialstatus", "")
+            if peer and status == "ANSWER":
+                self._up.add(peer)
+        self.escalation.absorb(kind, chan, event)
+
+    def _on_channel_gone(self, channel_id: str, event: Event) -> None:
+        log.info(
+            "call event=channel_gone call_id=%s channel=%s cause=%s",
+            self.call_id,
+            channel_id,
+            event.get("cause", ""),
+        )
+
+    def take_agent_action(self) -> tuple[str, str] | None:
+        """The next key sequence the agent completed, as (sequence, action)."""
+        if not self._pending_actions:
+            flushed = self._digits.expire(time.monotonic())
+            if flushed is not None:
+                self._pending_actions.append(flushed)
+        return self._pending_actions.pop(0) if self._pending_actions else None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """An event to MQTT and into the call's own timeline (exported with the evidence)."""
+        self.deps.events.emit(event, self.call_id, **fields)
+        self.record.events.append({"event": event, "at": now_iso(), **fields})
+
+    def _set_state(self, state: CallState) -> None:
+        log.info("call event=state call_id=%s from=%s to=%s", self.call_id, self.state.value, state.value)
+        self.state = state
+
+    # --- the call ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ari = self.deps.ari
+        cfg = self.deps.cfg
+        caller = self.caller.id
+        try:
+            self.emit(
+                "started",
+                direction=self.record.direction,
+                caller={"number": self.record.caller_number, "name": self.record.caller_name},
+                target=self.target,
+            )
+            # ANSWERING: answer, then record from the first moment so the recording proves the notice.
+            await ari.answer(caller)
+            self._answered_wall = time.time()
+            self.record.answered_at = _iso(self._answered_wall)
+            await self._start_recording()
+
+            # NOTICE: once per call; a channel that already heard it (transfer) is not told again.
+            self._set_state(CallState.NOTICE)
+            outcome = await self.deps.notices.play(self, caller, cfg.announcement.sound, tag=f"{self.call_id}-notice")
+            if outcome is PlayOutcome.HUNG_UP:
+                self.record.end_reason = "caller_hungup_during_notice"
+                return
+            if outcome is PlayOutcome.FINISHED:
+                self.record.notice_played = True
+                self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
+                await self._quietly(ari.set_variable(caller, "__KASUHARA_NOTICE_PLAYED", "1"))
+            else:
+                log.error("call event=notice_failed call_id=%s", self.call_id)
+
+            # DIALLING: bridge first, so the caller hears the agent's early media.
+            self._set_state(CallState.DIALLING)
+            await ari.create_bridge(self.bridge_id, name=self.bridge_id)
+            await ari.add_to_bridge(self.bridge_id, caller)
+            if not await self._dial_agent():
+                self.record.end_reason = self.record.end_reason or "agent_unavailable"
+                if not self.channel_gone(caller):
+                    self.emit("agent_unavailable", target=self.target, reason=self.record.end_reason)
+                    await self.deps.notices.play(
+                        self, caller, cfg.announcement.apology_sound, tag=f"{self.call_id}-apology"
+                    )
+                return
+
+            # TALKING: until either side hangs up; the agent's key sequences act on the call.
+            self._set_state(CallState.TALKING)
+            await self._talk()
+        except ChannelGone as exc:
+            log.info("call event=channel_gone_during_step call_id=%s error=%s", self.call_id, exc)
+            self.record.end_reason = self.record.end_reason or "hung_up"
+        except AriError as exc:
+            log.error("call event=ari_error call_id=%s state=%s error=%s", self.call_id, self.state.value, exc)
+            self.record.end_reason = self.record.end_reason or "error"
+        except Exception:
+            log.exception("call event=bug call_id=%s state=%s", self.call_id, self.state.value)
+            self.record.end_reason = self.record.end_reason or "error"
+            raise
+        finally:
+            await asyncio.shield(self._end())
+
+    async def _start_recording(self) -> None:
+        try:
+            self._paths = await self.deps.recorder.start(self.caller.name, self.call_id)
+        except Exception as exc:  # noqa: BLE001 - any failure here is reported, the call goes on
+            self.record.recording_error = str(exc)[:200]
+            log.error("call event=recording_failed call_id=%s error=%s", self.call_id, exc)
+            self.emit("recording_failed", error=str(exc)[:200])
+            return
+        self.record.recording_started = True
+        self.emit("recording_started")
+
+    async def _dial_agent(self) -> bool:
+        """Ring the target; True once it answered and sits in the bridge with the caller."""
+        ari = self.deps.ari
+        cfg = self.deps.cfg
+        agent_id = f"{self.call_id}-agent"
+        self.agent_id = agent_id
+        if self.deps.claim_channel is not None:
+            self.deps.claim_channel(agent_id, self)
+        try:
+            await ari.create_channel(
+                self.target,
+                channel_id=agent_id,
+                app_args=f"agent,{self.call_id}",
+                originator=self.caller.id,
+                variables={"KASUHARA_CALL_ID": self.call_id, "KASUHARA_ROLE": "agent"},
+            )
+        except ChannelGone:
+            raise
+        except AriError as exc:
+            log.error("call event=agent_create_failed call_id=%s target=%s error=%s", self.call_id, self.target, exc)
+            self.record.end_reason = "agent_unreachable"
+            return False
+        await ari.add_to_bridge(self.bridge_id, agent_id, absorb_dtmf=True, role="agent")
+        await self._quietly(ari.ring(self.caller.id))
+        timeout = cfg.routing.dial_timeout_s
+        await ari.dial(agent_id, caller=self.caller.id, timeout_s=timeout)
+        self.emit("agent_ringing", target=self.target)
+        # The dial status alone is not reliable: also watch the channel's end and keep our own timer.
+        deadline = time.monotonic() + timeout + 3
+        while not self.channel_up(agent_id):
+            if self.channel_gone(self.caller.id):
+                self.record.end_reason = "caller_hungup_while_ringing"
+                return False
+            if self.channel_gone(agent_id):
+                self.record.end_reason = "agent_unavailable"
+                self.record.agent = None
+                return False
+            if time.monotonic() > deadline:
+                self.record.end_reason = "agent_no_answer"
+                await self._quietly(ari.hangup(agent_id, "noanswer"))
+                return False
+            await self.next_event(timeout=0.5)
+        self.record.agent = self.target
+        self.record.agent_answered_at = now_iso()
+        self.emit("agent_answered", agent=self.target)
+        return True
+
+    async def _talk(self) -> None:
+        caller = self.caller.id
+        agent = self.agent_id or ""
+        while True:
+            if self.channel_gone(caller):
+                self.record.end_reason = self.record.end_reason or "caller_hungup"
+                return
+            if self.channel_gone(agent):
+                self.record.end_reason = self.record.end_reason or "agent_hungup"
+                return
+            action = self.take_agent_action()
+            if action is not None:
+                ended = await self.escalation.handle(*action)
+                if ended:
+                    return
+                continue
+            await self.next_event(timeout=0.25)
+
+    async def _quietly(self, aw: Awaitable[Any]) -> None:
+        """An ARI call whose failure does not matter (the channel may be gone already)."""
+        try:
+            await aw
+        except AriError as exc:
+            log.debug("call event=ignored_ari_error call_id=%s error=%s", self.call_id, exc)
+
+    async def _end(self) -> None:
+        """The one teardown path: stop recording, hang up every leg, drop the bridge, write metadata."""
+        self._set_state(CallState.ENDING)
+        ari = self.deps.ari
+        try:
+            if self.record.recording_started and not self.channel_gone(self.caller.id):
+                try:
+                    await self.deps.recorder.stop(self.caller.name, self.call_id)
+                except Exception as exc:  # noqa: BLE001 - the file still closes on hangup
+                    log.warning("call event=stop_recording_failed call_id=%s error=%s", self.call_id, exc)
+            for channel_id in self.escalation.channel_ids() + [self.agent_id or "", self.caller.id]:
+                if channel_id and not self.channel_gone(channel_id):
+                    await self._quietly(ari.hangup(channel_id))
+            await self._quietly(ari.destroy_bridge(self.bridge_id))
+        finally:
+            ended = time.time()
+            self.record.ended_at = _iso(ended)
+            if self._answered_wall is not None:
+                self.record.duration_s = round(ended - self._answered_wall, 3)
+            self.emit("ended", reason=self.record.end_reason or "normal", duration_s=self.record.duration_s)
+            await self._write_metadata()
+            self._set_state(CallState.ENDED)
+
+    async def _write_metadata(self) -> None:
+        paths = self.deps.recorder.paths(self.call_id)
+        try:
+            await asyncio.to_thread(write_json_atomic, paths.metadata, self.record.as_dict())
+        except OSError as exc:
+            log.error("call event=metadata_write_failed call_id=%s error=%s", self.call_id, exc)
+            return
+        log.info("call event=metadata_written call_id=%s path=%s", self.call_id, paths.metadata)
+        if self.deps.on_metadata is not None:
+            try:
+                await self.deps.on_metadata(self.call_id)
+            except Exception:
+                log.exception("call event=on_metadata_failed call_id=%s", self.call_id)
+
+    def add_escalation(self, entry: Escalation) -> None:
+        self.record.escalations.append(entry)

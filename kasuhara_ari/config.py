@@ -1,0 +1,321 @@
+"""Configuration: one TOML file plus ``KASUHARA_<SECTION>__<KEY>`` environment overrides.
+
+The environment may set keys the file does not contain, so secrets can live in the environment alone.
+Unknown keys and wrong types are errors that name the key; secrets never appear in ``repr`` or logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "KASUHARA_"
+CONFIG_ENV = "KASUHARA_CONFIG"
+ESCALATION_ACTIONS = frozenset({"supervisor", "flag", "warn", "warn_and_hangup"})
+DTMF_CHARS = frozenset("0123456789*#ABCD")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the key or file at fault."""
+
+
+def secret() -> Any:
+    """A field whose value is never printed."""
+    return field(default="", repr=False, metadata={"secret": True})
+
+
+@dataclass(frozen=True)
+class AriConfig:
+    url: str = "http://127.0.0.1:8088"
+    username: str = "kasuhara"
+    password: str = secret()
+    app: str = "kasuhara"
+    request_timeout_s: float = 5.0
+    reconnect_max_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class AmiConfig:
+    host: str = "127.0.0.1"
+    port: int = 5038
+    username: str = "kasuhara"
+    secret: str = secret()
+    action_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topic_prefix: str = "kasuhara"
+    username: str = ""
+    password: str = secret()
+    buffer_size: int = 10000
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str = secret()
+    secret_key: str = secret()
+    bucket: str = "kasuhara-recordings"
+    secure: bool = False
+    region: str = "us-east-1"
+    queue_dir: str = ""
+    sse_c_key: str = secret()
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    default_target: str = "PJSIP/agent"
+    dial_timeout_s: int = 30
+
+
+@dataclass(frozen=True)
+class RecordingConfig:
+    asterisk_dir: str = "/var/spool/asterisk/monitor/kasuhara"
+    local_dir: str = ""
+
+    @property
+    def host_dir(self) -> Path:
+        """Where this host reads what Asterisk writes into ``asterisk_dir``."""
+        return Path(self.local_dir or self.asterisk_dir)
+
+
+@dataclass(frozen=True)
+class AnnouncementConfig:
+    sound: str = "kasuhara/recording-notice"
+    language: str = "ja"
+    apology_sound: str = "kasuhara/agent-unavailable"
+
+
+@dataclass(frozen=True)
+class EscalationConfig:
+    supervisors: tuple[str, ...] = ("PJSIP/supervisor",)
+    ring_timeout_s: int = 20
+    inter_digit_timeout_s: float = 2.0
+    keys: Mapping[str, str] = field(
+        default_factory=lambda: {"*9": "supervisor", "*1": "flag", "*2": "warn", "*3": "warn_and_hangup"}
+    )
+    warning_sound: str = "kasuhara/warning"
+    final_sound: str = "kasuhara/final-notice"
+    supervisor_intro_sound: str = "kasuhara/escalated-call"
+    unavailable_sound: str = "kasuhara/supervisor-unavailable"
+
+
+@dataclass(frozen=True)
+class AgiConfig:
+    bind: str = "127.0.0.1"
+    port: int = 4573
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    days: int = 90
+    access_key: str = secret()
+    secret_key: str = secret()
+    daily_at: str = "03:00"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    name: str = ""
+    access_key: str = secret()
+    secret_key: str = secret()
+
+
+@dataclass(frozen=True)
+class GeneralConfig:
+    timezone: str = "Asia/Tokyo"
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    ari: AriConfig = field(default_factory=AriConfig)
+    ami: AmiConfig = field(default_factory=AmiConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
+    announcement: AnnouncementConfig = field(default_factory=AnnouncementConfig)
+    escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    agi: AgiConfig = field(default_factory=AgiConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    source: str = field(default="", compare=False)
+
+    def redacted(self) -> dict[str, dict[str, Any]]:
+        """The configuration as plain data with every secret replaced, for display."""
+        out: dict[str, dict[str, Any]] = {}
+        for sec in dataclasses.fields(self):
+            if sec.name == "source":
+                continue
+            section = getattr(self, sec.name)
+            shown: dict[str, Any] = {}
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if f.metadata.get("secret"):
+                    value = "(set)" if value else "(empty)"
+                elif isinstance(value, tuple):
+                    value = list(value)
+                elif isinstance(value, Mapping):
+                    value = dict(value)
+                shown[f.name] = value
+            out[sec.name] = shown
+        return out
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config) if f.name != "source"
+}
+
+
+def _convert(key: str, value: Any, hint: Any, *, from_env: bool) -> Any:
+    """Check ``value`` against the field's type (parsing it if it came from the environment)."""
+    origin = typing.get_origin(hint)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return value
+    if hint is bool:
+        if from_env and isinstance(value, str):
+            low = value.strip().lower()
+            if low in {"1", "true", "yes", "on"}:
+                return True
+            if low in {"0", "false", "no", "off"}:
+                return False
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__}")
+        return value
+    if hint is int or hint is float:
+        if from_env and isinstance(value, str):
+            try:
+                return hint(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__}")
+        if hint is int and not isinstance(value, int):
+            raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+        return hint(value)
+    if origin is tuple:
+        if from_env and isinstance(value, str):
+            stripped = value.strip()
+            if stripped.startswith("["):
+                try:
+                    value = json.loads(stripped)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{key}: not a JSON list: {exc}") from None
+            else:
+                value = [part.strip() for part in stripped.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings")
+        return tuple(value)
+    if origin is Mapping or origin is dict or (isinstance(origin, type) and issubclass(origin, Mapping)):
+        if from_env and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}: not a JSON object: {exc}") from None
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(f"{key}: expected a table of strings")
+        return types.MappingProxyType(dict(value))
+    raise ConfigError(f"{key}: unsupported type {hint!r}")  # pragma: no cover - a bug in this module
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    for seq, action in cfg.escalation.keys.items():
+        if not seq or any(ch not in DTMF_CHARS for ch in seq):
+            raise ConfigError(f"escalation.keys: {seq!r} is not a DTMF sequence (0-9, *, #, A-D)")
+        if action not in ESCALATION_ACTIONS:
+            raise ConfigError(
+                f"escalation.keys.{seq!r}: unknown action {action!r} "
+                f"(one of {', '.join(sorted(ESCALATION_ACTIONS))})"
+            )
+    seqs = list(cfg.escalation.keys)
+    for a in seqs:
+        for b in seqs:
+            if a != b and b.startswith(a):
+                raise ConfigError(f"escalation.keys: {a!r} is a prefix of {b!r}; one could never be pressed")
+    lang = cfg.announcement.language
+    if not lang or not all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in lang):
+        raise ConfigError(f"announcement.language: {lang!r} is not a language code like ja or en")
+    for name, port in (("ami.port", cfg.ami.port), ("mqtt.port", cfg.mqtt.port), ("agi.port", cfg.agi.port)):
+        if not 0 < port < 65536:
+            raise ConfigError(f"{name}: {port} is not a TCP port")
+    if cfg.retention.days < 1:
+        raise ConfigError(f"retention.days: must be at least 1, got {cfg.retention.days}")
+    if not cfg.ari.url.startswith(("http://", "https://")):
+        raise ConfigError(f"ari.url: must start with http:// or https://, got {cfg.ari.url!r}")
+    if not cfg.recording.asterisk_dir.startswith("/"):
+        raise ConfigError("recording.asterisk_dir: must be an absolute path")
+    if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
+        raise ConfigError(
+            "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
+            "(MixMonitor's arguments and its completion command use it)"
+        )
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (``path`` or ``$KASUHARA_CONFIG``; none is fine) and apply env overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    source = ""
+    chosen = path if path is not None else env.get(CONFIG_ENV) or None
+    if chosen is not None:
+        p = Path(chosen)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
+        source = str(p)
+
+    values: dict[str, dict[str, Any]] = {}
+    for sec_name, sec_value in raw.items():
+        if sec_name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{sec_name}] (known: {', '.join(_SECTIONS)})")
+        if not isinstance(sec_value, dict):
+            raise ConfigError(f"{sec_name}: expected a [{sec_name}] table")
+        hints = typing.get_type_hints(_SECTIONS[sec_name])
+        for key, value in sec_value.items():
+            if key not in hints:
+                raise ConfigError(f"unknown key {sec_name}.{key}")
+            values.setdefault(sec_name, {})[key] = _convert(
+                f"{sec_name}.{key}", value, hints[key], from_env=False
+            )
+
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or "__" not in var[len(ENV_PREFIX) :]:
+            continue
+        sec_name, _, key = var[len(ENV_PREFIX) :].lower().partition("__")
+        if sec_name not in _SECTIONS:
+            raise ConfigError(f"{var}: unknown section {sec_name!r}")
+        hints = typing.get_type_hints(_SECTIONS[sec_name])
+        if key not in hints:
+            raise ConfigError(f"{var}: unknown key {sec_name}.{key}")
+        values.setdefault(sec_name, {})[key] = _convert(var, value, hints[key], from_env=True)
+
+    sections = {name: cls(**values.get(name, {})) for name, cls in _SECTIONS.items()}
+    cfg = Config(**sections, source=source)
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,241 @@
+"""What the agent's key sequences do: call a supervisor in, flag the call, warn the caller, or end it.
+
+Only the agent's digits count (the call passes only those in), and the agent joins the bridge with
+``absorbDTMF`` so the caller never hears them. Which key means what is configuration; the decision is a pure
+function of the digits and their timing (``KeySequenceCollector``), and the actions run inside the call's
+own state machine so hangups are always seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .announcement import PlayOutcome, sound_media
+from .ari import AriError, ChannelGone
+from .events import now_iso
+from .recording import Escalation
+
+if TYPE_CHECKING:
+    from .call import Call
+
+log = logging.getLogger(__name__)
+
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+
+
+class KeySequenceCollector:
+    """Turns single DTMF digits into configured sequences, with an inter-digit timeout.
+
+    Digits that cannot start or continue any sequence are dropped (DTMF noise, an agent typing an
+    extension), so ``5*9`` still triggers ``*9``. Configured sequences are prefix-free (checked when the
+    config is loaded), so a match is never ambiguous and fires at once.
+    """
+
+    def __init__(self, keys: dict[str, str], *, inter_digit_timeout_s: float = 2.0) -> None:
+        self.keys = dict(keys)
+        self.timeout = inter_digit_timeout_s
+        self._buffer = ""
+        self._last = 0.0
+
+    def feed(self, digit: str, now: float) -> tuple[str, str] | None:
+        if len(digit) != 1 or digit not in DTMF_DIGITS:
+            return None
+        if self._buffer and now - self._last > self.timeout:
+            self._buffer = ""
+        self._last = now
+        candidate = self._buffer + digit
+        # Keep the longest suffix that is still the start of some sequence.
+        while candidate and not any(seq.startswith(candidate) for seq in self.keys):
+            candidate = candidate[1:]
+        self._buffer = candidate
+        if candidate in self.keys:
+            self._buffer = ""
+            return candidate, self.keys[candidate]
+        return None
+
+    def expire(self, now: float) -> tuple[str, str] | None:
+        """Forget a half-typed sequence after the inter-digit timeout (never fires an action)."""
+        if self._buffer and now - self._last > self.timeout:
+            self._buffer = ""
+        return None
+
+    @property
+    def pending(self) -> str:
+        return self._buffer
+
+
+class EscalationRunner:
+    """Carries out agent actions for one call; at most one supervisor escalation at a time."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self._supervisor_legs: list[str] = []
+        self.supervisor_joined: str | None = None
+        self.in_progress = False
+
+    def channel_ids(self) -> list[str]:
+        return list(self._supervisor_legs)
+
+    def absorb(self, kind: str, channel_id: str, event: dict[str, Any]) -> None:
+        """Event hook (facts are kept by the call; nothing extra is needed yet)."""
+        return None
+
+    async def handle(self, key: str, action: str) -> bool:
+        """Run one action; True when it ended the call."""
+        call = self.call
+        log.info("escalation event=key call_id=%s key=%s action=%s", call.call_id, key, action)
+        if action == "supervisor":
+            if self.in_progress or self.supervisor_joined:
+                log.info("escalation event=already_escalated call_id=%s", call.call_id)
+                return False
+            return await self._supervisor(key)
+        if action == "flag":
+            return self._flag(key)
+        if action == "warn":
+            return await self._warn(key, hang_up=False)
+        if action == "warn_and_hangup":
+            return await self._warn(key, hang_up=True)
+        log.warning("escalation event=unknown_action call_id=%s action=%s", call.call_id, action)
+        return False
+
+    def _flag(self, key: str) -> bool:
+        call = self.call
+        at = now_iso()
+        if "harassment" not in call.record.flags:
+            call.record.flags.append("harassment")
+        call.record.hold = {"reason": "flagged by agent as harassment", "by": "agent", "at": at}
+        call.add_escalation(Escalation(at=at, action="flag", key=key, by="agent", result="flagged"))
+        call.emit("flagged", key=key, by="agent", reason="harassment")
+        return False
+
+    async def _warn(self, key: str, *, hang_up: bool) -> bool:
+        call = self.call
+        cfg = call.deps.cfg.escalation
+        sound = cfg.final_sound if hang_up else cfg.warning_sound
+        at = now_iso()
+        outcome = await self._play_on_bridge(sound, tag=f"{call.call_id}-warn")
+        result = outcome.value
+        call.add_escalation(
+            Escalation(at=at, action="warn_and_hangup" if hang_up else "warn", key=key, by="agent", result=result)
+        )
+        call.emit("warning_played", key=key, sound=sound, final=hang_up, result=result)
+        if hang_up:
+            call.record.end_reason = "warn_and_hangup"
+            try:
+                await call.deps.ari.hangup(call.caller.id)
+            except AriError:
+                pass
+            return True
+        return False
+
+    async def _play_on_bridge(self, sound: str, *, tag: str) -> PlayOutcome:
+        """Both parties hear it, and so does the recording (MixMonitor is on the caller's channel)."""
+        call = self.call
+        ari: Any = call.deps.ari
+        playback_id = f"{tag}-{int(time.monotonic() * 1000)}"
+        try:
+            await ari.play_on_bridge(
+                call.bridge_id, sound_media(sound), lang=call.deps.cfg.announcement.language, playback_id=playback_id
+            )
+        except AriError as exc:
+            log.error("escalation event=play_failed call_id=%s error=%s", call.call_id, exc)
+            return PlayOutcome.FAILED
+        waited = 0.0
+        while call.playback_state(playback_id) is None:
+            if call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or ""):
+                return PlayOutcome.HUNG_UP
+            if waited > 60:
+                return PlayOutcome.FAILED
+            if not await call.next_event(timeout=0.5):
+                waited += 0.5
+        return PlayOutcome.FINISHED if call.playback_state(playback_id) == "done" else PlayOutcome.FAILED
+
+    async def _supervisor(self, key: str) -> bool:
+        """Ring supervisors in order; the first who answers hears the intro and joins the bridge."""
+        call = self.call
+        cfg = call.deps.cfg.escalation
+        ari: Any = call.deps.ari
+        self.in_progress = True
+        requested_at = now_iso()
+        call.emit("escalation_requested", key=key, by="agent", supervisors=list(cfg.supervisors))
+        from .call import CallState  # local: call imports this module
+
+        call._set_state(CallState.ESCALATING)
+        try:
+            for index, endpoint in enumerate(cfg.supervisors, start=1):
+                leg = f"{call.call_id}-sup-{index}"
+                self._supervisor_legs.append(leg)
+                if call.deps.claim_channel is not None:
+                    call.deps.claim_channel(leg, call)
+                call.emit("supervisor_ringing", supervisor=endpoint, attempt=index)
+                outcome = await self._ring_one(endpoint, leg, cfg.ring_timeout_s)
+                if outcome == "answered":
+                    self.supervisor_joined = endpoint
+                    call.add_escalation(
+                        Escalation(
+                            at=requested_at, action="supervisor", key=key, by="agent",
+                            supervisor=endpoint, result="joined",
+                        )
+                    )
+                    call.emit("supervisor_joined", supervisor=endpoint, attempt=index)
+                    return False
+                if outcome == "call_ended":
+                    call.add_escalation(
+                        Escalation(at=requested_at, action="supervisor", key=key, by="agent", result="call_ended")
+                    )
+                    return True
+                log.info("escalation event=supervisor_missed call_id=%s supervisor=%s", call.call_id, endpoint)
+            call.add_escalation(
+                Escalation(at=requested_at, action="supervisor", key=key, by="agent", result="unavailable")
+            )
+            call.emit("supervisor_unavailable", supervisors=list(cfg.supervisors))
+            if call.agent_id and not call.channel_gone(call.agent_id):
+                await call.deps.notices.play(call, call.agent_id, cfg.unavailable_sound, tag=f"{call.call_id}-nosup")
+            return False
+        finally:
+            self.in_progress = False
+            if not (call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or "")):
+                call._set_state(CallState.TALKING)
+
+    async def _ring_one(self, endpoint: str, leg: str, ring_timeout_s: int) -> str:
+        """``answered``, ``missed`` or ``call_ended``."""
+        call = self.call
+        ari: Any = call.deps.ari
+        try:
+            await ari.create_channel(
+                endpoint,
+                channel_id=leg,
+                app_args=f"supervisor,{call.call_id}",
+                originator=call.caller.id,
+                variables={"KASUHARA_CALL_ID": call.call_id, "KASUHARA_ROLE": "supervisor"},
+            )
+            await ari.add_to_bridge(call.bridge_id, leg, absorb_dtmf=True, role="supervisor")
+            await ari.dial(leg, caller=call.agent_id, timeout_s=ring_timeout_s)
+        except ChannelGone:
+            return "missed"
+        except AriError as exc:
+            log.error("escalation event=supervisor_dial_failed call_id=%s error=%s", call.call_id, exc)
+            await self._drop(leg)
+            return "missed"
+        deadline = time.monotonic() + ring_timeout_s + 2
+        while not call.channel_up(leg):
+            if call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or ""):
+                await self._drop(leg)
+                return "call_ended"
+            if call.channel_gone(leg):
+                return "missed"
+            if time.monotonic() > deadline:
+                await self._drop(leg)
+                return "missed"
+            await call.next_event(timeout=0.25)
+        cfg = call.deps.cfg.escalation
+        await call.deps.notices.play(call, leg, cfg.supervisor_intro_sound, tag=f"{call.call_id}-supintro")
+        return "answered" if not call.channel_gone(leg) else "missed"
+
+    async def _drop(self, leg: str) -> None:
+        try:
+            await self.call.deps.ari.hangup(leg)
+        except AriError:
+            pass

@@ -1,0 +1,103 @@
+"""``kasuhara serve``: wires the Stasis app to ARI, AMI, the event publisher and the uploader."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .ami import AmiClient, AmiError
+from .ari import AriClient
+from .config import Config
+from .events import EventSink, NullEvents
+from .recording import Recorder
+from .stasis import StasisApp
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """Everything ``serve`` runs, owned by one TaskGroup. Tests run it in-process with their own sinks."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        events: EventSink | None = None,
+        on_metadata: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ari = AriClient(
+            cfg.ari.url,
+            cfg.ari.username,
+            cfg.ari.password,
+            cfg.ari.app,
+            timeout=cfg.ari.request_timeout_s,
+            reconnect_max_s=cfg.ari.reconnect_max_s,
+        )
+        self.ami = AmiClient(
+            cfg.ami.host, cfg.ami.port, cfg.ami.username, cfg.ami.secret, action_timeout_s=cfg.ami.action_timeout_s
+        )
+        self.recorder = Recorder(self.ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
+        self._runners: list[Callable[[], Awaitable[Any]]] = []
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+        self.events: EventSink = events if events is not None else self._default_events()
+        notify = on_metadata if on_metadata is not None else self._default_uploader()
+        self.app = StasisApp(cfg, self.ari, self.recorder, self.events, on_metadata=notify)
+
+    def _default_events(self) -> EventSink:
+        if not self.cfg.mqtt.enabled:
+            return NullEvents()
+        try:
+            from .events import MqttEvents  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            return NullEvents()
+        publisher = MqttEvents(self.cfg.mqtt)
+        self._runners.append(publisher.run)
+        self._closers.append(publisher.close)
+        return publisher  # type: ignore[no-any-return,unused-ignore]
+
+    def _default_uploader(self) -> Callable[[str], Awaitable[None]] | None:
+        if not self.cfg.storage.enabled:
+            return None
+        try:
+            from .uploader import build_uploader  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            return None
+        uploader = build_uploader(self.cfg, self.events)
+        self._runners.append(uploader.run)
+        return uploader.notify  # type: ignore[no-any-return,unused-ignore]
+
+    async def _watch_ami(self) -> None:
+        """Log AMI's state changes so an operator sees why recordings would fail."""
+        was_ready: bool | None = None
+        while True:
+            if self.ami.ready != was_ready:
+                was_ready = self.ami.ready
+                if was_ready:
+                    log.info("ami event=connected address=%s", self.ami.address)
+                else:
+                    log.warning("ami event=not_connected address=%s (retrying)", self.ami.address)
+            await asyncio.sleep(1.0)
+
+    async def run(self) -> None:
+        self.ami.connect()
+        with contextlib.suppress(AmiError):
+            await self.ami.wait_ready(timeout=3)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.app.run(), name="stasis")
+                tasks.create_task(self._watch_ami(), name="ami-watch")
+                for runner in self._runners:
+                    tasks.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        for closer in self._closers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closer(), 5)
+        self.ami.close()
+        await self.ari.aclose()

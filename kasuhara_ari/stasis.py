@@ -1,0 +1,191 @@
+"""The Stasis application: turns the ARI event stream into per-call inboxes.
+
+Handlers here stay a few lines: parse the event, find the call it belongs to, hand it on. Each call runs
+in its own task owned by a TaskGroup; an error in one call ends that call only. After every websocket
+(re)connection the app re-syncs with Asterisk, because events sent while it was disconnected are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .announcement import NoticePlayer
+from .ari import CONNECTED, AriClient, AriError, Channel, ChannelGone
+from .call import Call, CallDeps
+from .config import Config
+from .events import EventSink
+from .recording import Recorder, check_call_id
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class StasisApp:
+    def __init__(
+        self,
+        cfg: Config,
+        ari: AriClient,
+        recorder: Recorder,
+        events: EventSink,
+        *,
+        on_metadata: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ari = ari
+        self.events = events
+        self.calls: dict[str, Call] = {}
+        self._by_channel: dict[str, Call] = {}
+        self._by_bridge: dict[str, Call] = {}
+        self._deps = CallDeps(
+            cfg=cfg,
+            ari=ari,
+            recorder=recorder,
+            notices=NoticePlayer(ari, cfg.announcement.language),
+            events=events,
+            on_metadata=on_metadata,
+            claim_channel=self._claim,
+        )
+        self._tasks: asyncio.TaskGroup | None = None
+        self.connected = asyncio.Event()
+        self.finished_calls = 0
+
+    def _claim(self, channel_id: str, call: Call) -> None:
+        self._by_channel[channel_id] = call
+
+    async def run(self) -> None:
+        """Consume ARI events forever (reconnecting as needed)."""
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            async for event in self.ari.events():
+                try:
+                    self.dispatch(event)
+                except Exception:
+                    log.exception("stasis event=dispatch_bug type=%s", event.get("type"))
+
+    # --- routing ---------------------------------------------------------------------------------------
+
+    def dispatch(self, event: Event) -> None:
+        kind = event.get("type", "")
+        if kind == CONNECTED:
+            self.connected.set()
+            self._spawn(self.resync(), "resync")
+        elif kind == "StasisStart":
+            self.stasis_start(event)
+        elif kind in ("PlaybackStarted", "PlaybackFinished"):
+            self.playback_event(event)
+        else:
+            self.channel_event(event)
+
+    def stasis_start(self, event: Event) -> None:
+        channel = Channel.from_json(event.get("channel") or {})
+        args = [str(a) for a in event.get("args") or []]
+        owner = self._by_channel.get(channel.id)
+        if owner is not None:  # a leg this app created (agent, supervisor)
+            owner.deliver(event)
+            return
+        role = args[0] if args else ""
+        if role == "inbound":
+            self._start_call(event, channel, args)
+        else:
+            log.warning("stasis event=unexpected_channel channel=%s args=%s", channel.id, args[:3])
+            self._spawn(self._return_to_dialplan(channel.id), "return")
+
+    def _start_call(self, event: Event, channel: Channel, args: list[str]) -> None:
+        linkedid = str((event.get("channel") or {}).get("linkedid") or channel.id)
+        try:
+            call_id = check_call_id(linkedid)
+        except ValueError:
+            log.error("stasis event=bad_call_id channel=%s", channel.id)
+            self._spawn(self._return_to_dialplan(channel.id), "return")
+            return
+        if call_id in self.calls:
+            call_id = check_call_id(f"{call_id}-{channel.id}"[:128])
+        target = args[1] if len(args) > 1 and args[1] else self.cfg.routing.default_target
+        call = Call(self._deps, channel, call_id, target)
+        self.calls[call_id] = call
+        self._by_channel[channel.id] = call
+        self._by_bridge[call.bridge_id] = call
+        log.info("stasis event=call_started call_id=%s channel=%s target=%s", call_id, channel.name, target)
+        self._spawn(self._run_call(call), f"call-{call_id}")
+
+    def playback_event(self, event: Event) -> None:
+        target = str((event.get("playback") or {}).get("target_uri", ""))
+        kind, _, ident = target.partition(":")
+        call = self._by_channel.get(ident) if kind == "channel" else self._by_bridge.get(ident)
+        if call is not None:
+            call.deliver(event)
+
+    def channel_event(self, event: Event) -> None:
+        chan = (event.get("channel") or {}).get("id")
+        call = self._by_channel.get(chan) if chan else None
+        if call is None:
+            peer = (event.get("peer") or {}).get("id")
+            call = self._by_channel.get(peer) if peer else None
+        if call is not None:
+            call.deliver(event)
+
+    # --- tasks -----------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        assert self._tasks is not None, "dispatch before run()"
+        self._tasks.create_task(self._guard(coro, name), name=name)
+
+    async def _guard(self, coro: Awaitable[None], name: str) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("stasis event=task_failed task=%s", name)
+
+    async def _run_call(self, call: Call) -> None:
+        try:
+            await call.run()
+        finally:
+            self.calls.pop(call.call_id, None)
+            self._by_bridge.pop(call.bridge_id, None)
+            for chan in [k for k, v in self._by_channel.items() if v is call]:
+                del self._by_channel[chan]
+            self.finished_calls += 1
+
+    async def _return_to_dialplan(self, channel_id: str) -> None:
+        try:
+            await self.ari.continue_in_dialplan(channel_id)
+        except AriError:
+            try:
+                await self.ari.hangup(channel_id)
+            except AriError:
+                pass
+
+    # --- re-sync after a reconnect --------------------------------------------------------------------
+
+    async def resync(self) -> None:
+        """Tell every call which of its channels vanished while we were not listening, and deal with
+        channels in the app that no call owns (left over from a previous run of the app)."""
+        try:
+            app = await self.ari.application()
+        except AriError as exc:
+            log.warning("stasis event=resync_failed error=%s", exc)
+            return
+        in_app = set(app.get("channel_ids") or [])
+        for channel_id, call in list(self._by_channel.items()):
+            if call.channel_gone(channel_id):
+                continue
+            try:
+                await self.ari.get_channel(channel_id)
+            except ChannelGone:
+                call.deliver(
+                    {"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 0,
+                     "cause_txt": "gone while the event connection was down"}
+                )
+            except AriError as exc:
+                log.warning("stasis event=resync_check_failed channel=%s error=%s", channel_id, exc)
+        for channel_id in in_app - set(self._by_channel):
+            log.warning("stasis event=orphan_channel channel=%s action=hangup", channel_id)
+            try:
+                await self.ari.hangup(channel_id)
+            except AriError:
+                pass
+        log.info("stasis event=resynced calls=%d channels_in_app=%d", len(self.calls), len(in_app))

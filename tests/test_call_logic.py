@@ -1,0 +1,183 @@
+"""The call state machine against a fake ARI: every path ends in one teardown with metadata written.
+
+The same flows are proven against the real Asterisk in test_inbound_sip.py; these tests pin down the
+decisions (who is rung when, what the metadata says) quickly and without servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kasuhara_ari.announcement import NoticePlayer
+from kasuhara_ari.ari import Channel, ChannelGone
+from kasuhara_ari.call import Call, CallDeps
+from kasuhara_ari.config import load
+from kasuhara_ari.events import MemoryEvents
+from kasuhara_ari.recording import Recorder
+
+
+class FakeAmi:
+    def __init__(self, fail: bool = False) -> None:
+        self.started: list[tuple[str, str, str]] = []
+        self.stopped: list[str] = []
+        self.fail = fail
+
+    async def mixmonitor(self, channel: str, file: str, *, options: str = "", command: str = "") -> None:
+        if self.fail:
+            raise RuntimeError("AMI down")
+        self.started.append((channel, file, command))
+
+    async def stop_mixmonitor(self, channel: str) -> None:
+        self.stopped.append(channel)
+
+
+class FakeAri:
+    """Plays Asterisk's part: answers with the events a real one would send."""
+
+    def __init__(self, *, notice: str = "finish", agent: str = "answer") -> None:
+        self.ops: list[tuple[str, Any]] = []
+        self.call: Call | None = None
+        self.notice = notice
+        self.agent = agent
+        self.hung_up: set[str] = set()
+
+    def _send(self, event: dict[str, Any]) -> None:
+        assert self.call is not None
+        self.call.deliver(event)
+
+    async def answer(self, channel_id: str) -> None:
+        self.ops.append(("answer", channel_id))
+
+    async def ring(self, channel_id: str) -> None:
+        self.ops.append(("ring", channel_id))
+
+    async def hangup(self, channel_id: str, reason: str = "normal") -> None:
+        if channel_id in self.hung_up:
+            raise ChannelGone("gone", 404)
+        self.hung_up.add(channel_id)
+        self.ops.append(("hangup", channel_id))
+        self._send({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16})
+
+    async def play(self, channel_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None):
+        self.ops.append(("play", (channel_id, media, lang)))
+        if "notice" in media and self.notice == "hangup":
+            self.hung_up.add(channel_id)
+            self._send({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16})
+        else:
+            self._send({"type": "PlaybackFinished", "playback": {"id": playback_id, "state": "done"}})
+        return {"id": playback_id}
+
+    async def stop_playback(self, playback_id: str) -> None:
+        self.ops.append(("stop_playback", playback_id))
+
+    async def create_channel(self, endpoint: str, *, channel_id: str, app_args: str = "", originator=None, variables=None):
+        self.ops.append(("create", (endpoint, channel_id)))
+        return Channel(channel_id, endpoint, "Down", "", "", "ja")
+
+    async def dial(self, channel_id: str, *, caller=None, timeout_s=None) -> None:
+        self.ops.append(("dial", channel_id))
+        if self.agent == "answer":
+            self._send({"type": "ChannelStateChange", "channel": {"id": channel_id, "state": "Up"}})
+            # then the agent talks a little and hangs up
+            asyncio.get_running_loop().call_later(
+                0.05, self._send, {"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16}
+            )
+        elif self.agent == "busy":
+            self._send({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 17, "cause_txt": "User busy"})
+
+    async def create_bridge(self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = "") -> None:
+        self.ops.append(("bridge", (bridge_id, kind)))
+
+    async def add_to_bridge(self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role=None) -> None:
+        self.ops.append(("add", (channel_id, absorb_dtmf)))
+
+    async def destroy_bridge(self, bridge_id: str) -> None:
+        self.ops.append(("destroy_bridge", bridge_id))
+
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None:
+        self.ops.append(("setvar", (channel_id, name, value)))
+
+    def names(self) -> list[str]:
+        return [op for op, _ in self.ops]
+
+
+async def run_call(tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None) -> tuple[dict[str, Any], MemoryEvents]:
+    cfg = load(env={"KASUHARA_RECORDING__ASTERISK_DIR": "/spool/k", "KASUHARA_RECORDING__LOCAL_DIR": str(tmp_path)})
+    events = MemoryEvents()
+    notified: list[str] = []
+
+    async def on_metadata(call_id: str) -> None:
+        notified.append(call_id)
+
+    ami = ami or FakeAmi()
+    deps = CallDeps(cfg, ari, Recorder(ami, "/spool/k", tmp_path), NoticePlayer(ari, "ja"), events, on_metadata)
+    caller = Channel("c1", "PJSIP/caller-0001", "Ring", "0312345678", "Taro", "ja")
+    call = Call(deps, caller, "1700000000.1", "PJSIP/agent")
+    ari.call = call
+    await asyncio.wait_for(call.run(), 5)
+    assert notified == ["1700000000.1"]
+    return json.loads((tmp_path / "1700000000.1.json").read_text()), events
+
+
+async def test_happy_path_notice_before_agent_and_metadata(tmp_path: Path) -> None:
+    ari = FakeAri()
+    meta, events = await run_call(tmp_path, ari)
+    names = ari.names()
+    assert names.index("answer") < names.index("play") < names.index("create") < names.index("dial")
+    assert ("add", ("1700000000.1-agent", True)) in ari.ops  # agent joins with absorbDTMF
+    assert ("bridge", ("kasuhara-1700000000.1", "mixing,dtmf_events")) in ari.ops
+    assert meta["notice_played"] is True
+    assert meta["agent"] == "PJSIP/agent"
+    assert meta["end_reason"] == "agent_hungup"
+    assert meta["audio"] == {"format": "wav", "expected": True}
+    assert meta["caller"] == {"number": "0312345678", "name": "Taro"}
+    assert ("hangup", "c1") in ari.ops  # the other side is hung up too
+    assert [e["event"] for e in events.events][:3] == ["started", "recording_started", "notice_played"]
+    assert events.events[-1]["event"] == "ended"
+
+
+async def test_caller_hangs_up_during_notice_no_agent_rung(tmp_path: Path) -> None:
+    ari = FakeAri(notice="hangup")
+    meta, _ = await run_call(tmp_path, ari)
+    assert "create" not in ari.names() and "dial" not in ari.names()
+    assert meta["notice_played"] is False
+    assert meta["end_reason"] == "caller_hungup_during_notice"
+
+
+async def test_agent_busy_plays_apology_and_closes(tmp_path: Path) -> None:
+    ari = FakeAri(agent="busy")
+    meta, events = await run_call(tmp_path, ari)
+    plays = [arg[1] for op, arg in ari.ops if op == "play"]
+    assert plays == ["sound:kasuhara/recording-notice", "sound:kasuhara/agent-unavailable"]
+    assert meta["end_reason"] == "agent_unavailable"
+    assert meta["agent"] is None
+    assert "agent_unavailable" in [e["event"] for e in events.events]
+    assert ("hangup", "c1") in ari.ops
+
+
+async def test_recording_failure_does_not_drop_the_call(tmp_path: Path) -> None:
+    meta, events = await run_call(tmp_path, FakeAri(), FakeAmi(fail=True))
+    assert meta["audio"]["expected"] is False
+    assert "AMI down" in meta["recording_error"]
+    assert meta["agent"] == "PJSIP/agent"
+
+
+async def test_mixmonitor_command_holds_only_safe_text(tmp_path: Path) -> None:
+    ami = FakeAmi()
+    await run_call(tmp_path, FakeAri(), ami)
+    (channel, file, command) = ami.started[0]
+    assert file == "/spool/k/1700000000.1.wav"
+    assert command == "touch /spool/k/1700000000.1.done"
+    assert "0312345678" not in command and "Taro" not in command
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "a/b", "x;rm -rf /", "", ".hidden", "a" * 200, "id\n"])
+def test_unsafe_call_ids_never_become_paths(tmp_path: Path, bad: str) -> None:
+    rec = Recorder(FakeAmi(), "/spool/k", tmp_path)
+    with pytest.raises(ValueError, match="unsafe call id"):
+        rec.paths(bad)
