@@ -101,7 +101,9 @@ class AmiClient:
             future = self._manager.send_action(dict(fields))
             resp = await asyncio.wait_for(asyncio.shield(future), timeout or self.action_timeout_s)
         except TimeoutError:
-            raise AmiTimeout(f"AMI action {name}: no answer within {timeout or self.action_timeout_s}s") from None
+            raise AmiTimeout(
+                f"AMI action {name}: no answer within {timeout or self.action_timeout_s}s"
+            ) from None
         if isinstance(resp, list):  # as_list responses
             resp = resp[0] if resp else {}
         result = {str(k): str(v) for k, v in dict(resp).items()}

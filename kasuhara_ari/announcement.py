@@ -6,6 +6,7 @@ against the call's own view of hangups, so a caller who hangs up during the noti
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import uuid
@@ -73,10 +74,8 @@ class NoticePlayer:
                 return PlayOutcome.HUNG_UP
             if waited >= self.max_prompt_s:
                 log.error("announcement event=stuck channel=%s sound=%s", channel_id, sound)
-                try:
+                with contextlib.suppress(AriError):
                     await self._ari.stop_playback(playback_id)
-                except AriError:
-                    pass
                 return PlayOutcome.FAILED
             if not await waiter.next_event(timeout=1.0):
                 waited += 1.0

@@ -133,13 +133,17 @@ class AriClient:
         query = {k: _q(v) for k, v in (params or {}).items() if v is not None}
         try:
             resp = await self._http.request(
-                method, path, params=query, json=body, timeout=timeout if timeout is not None else self.timeout
+                method,
+                path,
+                params=query,
+                json=body,
+                timeout=timeout if timeout is not None else self.timeout,
             )
         except httpx.TimeoutException as exc:
             raise AriUnavailable(f"ARI {method} {path}: timed out") from exc
         except httpx.TransportError as exc:
             raise AriUnavailable(f"ARI {method} {path}: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code in _GONE_STATUSES:
+        if resp.status_code in _GONE_STATUSES or (resp.status_code == 400 and _names_missing_channel(resp)):
             raise ChannelGone(f"ARI {method} {path}: {resp.status_code} {_message(resp)}", resp.status_code)
         if resp.status_code == 401:
             raise AriError(f"ARI {method} {path}: 401 unauthorized (check ari.username/password)", 401)
@@ -227,7 +231,9 @@ class AriClient:
         return Channel.from_json(data)
 
     async def dial(self, channel_id: str, *, caller: str | None = None, timeout_s: int | None = None) -> None:
-        await self.request("POST", f"/channels/{channel_id}/dial", params={"caller": caller, "timeout": timeout_s})
+        await self.request(
+            "POST", f"/channels/{channel_id}/dial", params={"caller": caller, "timeout": timeout_s}
+        )
 
     async def originate(
         self,
@@ -262,10 +268,16 @@ class AriClient:
         return str((data or {}).get("value", ""))
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
-        await self.request("POST", f"/channels/{channel_id}/variable", params={"variable": name, "value": value})
+        await self.request(
+            "POST", f"/channels/{channel_id}/variable", params={"variable": name, "value": value}
+        )
 
-    async def create_bridge(self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = "") -> None:
-        await self.request("POST", "/bridges", params={"type": kind, "bridgeId": bridge_id, "name": name or None})
+    async def create_bridge(
+        self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = ""
+    ) -> None:
+        await self.request(
+            "POST", "/bridges", params={"type": kind, "bridgeId": bridge_id, "name": name or None}
+        )
 
     async def add_to_bridge(
         self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role: str | None = None
@@ -292,7 +304,13 @@ class AriClient:
         data = await self.request(
             "POST",
             f"/channels/{channel_id}/snoop",
-            params={"app": self.app, "appArgs": app_args, "spy": spy, "whisper": whisper, "snoopId": snoop_id},
+            params={
+                "app": self.app,
+                "appArgs": app_args,
+                "spy": spy,
+                "whisper": whisper,
+                "snoopId": snoop_id,
+            },
         )
         return Channel.from_json(data)
 
@@ -333,7 +351,10 @@ class AriClient:
                     log.warning("ari event=disconnected app=%s", self.app)
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
                 log.warning(
-                    "ari event=unreachable app=%s error=%s retry_in=%.1fs", self.app, type(exc).__name__, backoff
+                    "ari event=unreachable app=%s error=%s retry_in=%.1fs",
+                    self.app,
+                    type(exc).__name__,
+                    backoff,
                 )
             finally:
                 self._ws = None
@@ -345,6 +366,11 @@ class AriClient:
         """Close the event websocket (used by tests and by a stalled-connection watchdog)."""
         if self._ws is not None:
             await self._ws.close()
+
+
+def _names_missing_channel(resp: httpx.Response) -> bool:
+    """addChannel and friends answer 400 "Channel not found" when a channel in the query is gone."""
+    return "not found" in _message(resp).lower()
 
 
 def _message(resp: httpx.Response) -> str:

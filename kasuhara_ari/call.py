@@ -59,8 +59,12 @@ class Telephony(Protocol):
         originator: str | None = None,
         variables: dict[str, str] | None = None,
     ) -> Channel: ...
-    async def dial(self, channel_id: str, *, caller: str | None = None, timeout_s: int | None = None) -> None: ...
-    async def create_bridge(self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = "") -> None: ...
+    async def dial(
+        self, channel_id: str, *, caller: str | None = None, timeout_s: int | None = None
+    ) -> None: ...
+    async def create_bridge(
+        self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = ""
+    ) -> None: ...
     async def add_to_bridge(
         self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role: str | None = None
     ) -> None: ...
@@ -88,7 +92,9 @@ def _iso(ts: float) -> str:
 class Call:
     """An inbound call handed to the app by ``Stasis(kasuhara,inbound[,TARGET])``."""
 
-    def __init__(self, deps: CallDeps, caller: Channel, call_id: str, target: str, *, direction: str = "inbound"):
+    def __init__(
+        self, deps: CallDeps, caller: Channel, call_id: str, target: str, *, direction: str = "inbound"
+    ):
         self.deps = deps
         self.caller = caller
         self.call_id = call_id
@@ -217,7 +223,9 @@ class Call:
 
             # NOTICE: once per call; a channel that already heard it (transfer) is not told again.
             self._set_state(CallState.NOTICE)
-            outcome = await self.deps.notices.play(self, caller, cfg.announcement.sound, tag=f"{self.call_id}-notice")
+            outcome = await self.deps.notices.play(
+                self, caller, cfg.announcement.sound, tag=f"{self.call_id}-notice"
+            )
             if outcome is PlayOutcome.HUNG_UP:
                 self.record.end_reason = "caller_hungup_during_notice"
                 return
@@ -248,7 +256,9 @@ class Call:
             log.info("call event=channel_gone_during_step call_id=%s error=%s", self.call_id, exc)
             self.record.end_reason = self.record.end_reason or "hung_up"
         except AriError as exc:
-            log.error("call event=ari_error call_id=%s state=%s error=%s", self.call_id, self.state.value, exc)
+            log.error(
+                "call event=ari_error call_id=%s state=%s error=%s", self.call_id, self.state.value, exc
+            )
             self.record.end_reason = self.record.end_reason or "error"
         except Exception:
             log.exception("call event=bug call_id=%s state=%s", self.call_id, self.state.value)
@@ -260,7 +270,7 @@ class Call:
     async def _start_recording(self) -> None:
         try:
             self._paths = await self.deps.recorder.start(self.caller.name, self.call_id)
-        except Exception as exc:  # noqa: BLE001 - any failure here is reported, the call goes on
+        except Exception as exc:
             self.record.recording_error = str(exc)[:200]
             log.error("call event=recording_failed call_id=%s error=%s", self.call_id, exc)
             self.emit("recording_failed", error=str(exc)[:200])
@@ -287,7 +297,9 @@ class Call:
         except ChannelGone:
             raise
         except AriError as exc:
-            log.error("call event=agent_create_failed call_id=%s target=%s error=%s", self.call_id, self.target, exc)
+            log.error(
+                "call event=agent_create_failed call_id=%s target=%s error=%s", self.call_id, self.target, exc
+            )
             self.record.end_reason = "agent_unreachable"
             return False
         await ari.add_to_bridge(self.bridge_id, agent_id, absorb_dtmf=True, role="agent")
@@ -348,9 +360,9 @@ class Call:
             if self.record.recording_started and not self.channel_gone(self.caller.id):
                 try:
                     await self.deps.recorder.stop(self.caller.name, self.call_id)
-                except Exception as exc:  # noqa: BLE001 - the file still closes on hangup
+                except Exception as exc:
                     log.warning("call event=stop_recording_failed call_id=%s error=%s", self.call_id, exc)
-            for channel_id in self.escalation.channel_ids() + [self.agent_id or "", self.caller.id]:
+            for channel_id in [*self.escalation.channel_ids(), self.agent_id or "", self.caller.id]:
                 if channel_id and not self.channel_gone(channel_id):
                     await self._quietly(ari.hangup(channel_id))
             await self._quietly(ari.destroy_bridge(self.bridge_id))

@@ -43,8 +43,10 @@ async def check_ami(cfg: Config) -> Check:
         except AmiError as exc:
             if "permission" in str(exc).lower():
                 return Check(
-                    "ami", False, f"{ami.address}: user {cfg.ami.username!r} may not run MixMonitor "
-                    "(manager.conf needs write=system,call)"
+                    "ami",
+                    False,
+                    f"{ami.address}: user {cfg.ami.username!r} may not run MixMonitor "
+                    "(manager.conf needs write=system,call)",
                 )
         return Check("ami", True, f"{ami.address} logged in; MixMonitor allowed")
     except AmiError as exc:
@@ -82,12 +84,18 @@ def _check_s3_sync(cfg: Config) -> Check:
         return Check("s3", True, "disabled (storage.enabled = false)")
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=5), retries=urllib3.Retry(total=0))
     client = Minio(
-        st.endpoint, access_key=st.access_key, secret_key=st.secret_key, secure=st.secure,
-        region=st.region, http_client=http,
+        st.endpoint,
+        access_key=st.access_key,
+        secret_key=st.secret_key,
+        secure=st.secure,
+        region=st.region,
+        http_client=http,
     )
     try:
         if not client.bucket_exists(st.bucket):
-            return Check("s3", False, f"{st.endpoint}: bucket {st.bucket!r} does not exist (kasuhara storage init)")
+            return Check(
+                "s3", False, f"{st.endpoint}: bucket {st.bucket!r} does not exist (kasuhara storage init)"
+            )
         try:
             lock = client.get_object_lock_config(st.bucket)
         except S3Error:
@@ -96,7 +104,7 @@ def _check_s3_sync(cfg: Config) -> Check:
             return Check("s3", False, f"bucket {st.bucket!r} has no object lock: evidence holds cannot work")
     except S3Error as exc:
         return Check("s3", False, f"{st.endpoint}: {exc.code}")
-    except Exception as exc:  # noqa: BLE001 - any transport failure is reported as such
+    except Exception as exc:
         return Check("s3", False, f"{st.endpoint}: {type(exc).__name__}")
     return Check("s3", True, f"{st.endpoint} bucket {st.bucket!r} with object lock")
 

@@ -8,6 +8,7 @@ own state machine so hangups are always seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,7 @@ class EscalationRunner:
 
     def absorb(self, kind: str, channel_id: str, event: dict[str, Any]) -> None:
         """Event hook (facts are kept by the call; nothing extra is needed yet)."""
-        return None
+        return
 
     async def handle(self, key: str, action: str) -> bool:
         """Run one action; True when it ended the call."""
@@ -118,15 +119,15 @@ class EscalationRunner:
         outcome = await self._play_on_bridge(sound, tag=f"{call.call_id}-warn")
         result = outcome.value
         call.add_escalation(
-            Escalation(at=at, action="warn_and_hangup" if hang_up else "warn", key=key, by="agent", result=result)
+            Escalation(
+                at=at, action="warn_and_hangup" if hang_up else "warn", key=key, by="agent", result=result
+            )
         )
         call.emit("warning_played", key=key, sound=sound, final=hang_up, result=result)
         if hang_up:
             call.record.end_reason = "warn_and_hangup"
-            try:
+            with contextlib.suppress(AriError):
                 await call.deps.ari.hangup(call.caller.id)
-            except AriError:
-                pass
             return True
         return False
 
@@ -137,7 +138,10 @@ class EscalationRunner:
         playback_id = f"{tag}-{int(time.monotonic() * 1000)}"
         try:
             await ari.play_on_bridge(
-                call.bridge_id, sound_media(sound), lang=call.deps.cfg.announcement.language, playback_id=playback_id
+                call.bridge_id,
+                sound_media(sound),
+                lang=call.deps.cfg.announcement.language,
+                playback_id=playback_id,
             )
         except AriError as exc:
             log.error("escalation event=play_failed call_id=%s error=%s", call.call_id, exc)
@@ -156,7 +160,6 @@ class EscalationRunner:
         """Ring supervisors in order; the first who answers hears the intro and joins the bridge."""
         call = self.call
         cfg = call.deps.cfg.escalation
-        ari: Any = call.deps.ari
         self.in_progress = True
         requested_at = now_iso()
         call.emit("escalation_requested", key=key, by="agent", supervisors=list(cfg.supervisors))
@@ -175,24 +178,34 @@ class EscalationRunner:
                     self.supervisor_joined = endpoint
                     call.add_escalation(
                         Escalation(
-                            at=requested_at, action="supervisor", key=key, by="agent",
-                            supervisor=endpoint, result="joined",
+                            at=requested_at,
+                            action="supervisor",
+                            key=key,
+                            by="agent",
+                            supervisor=endpoint,
+                            result="joined",
                         )
                     )
                     call.emit("supervisor_joined", supervisor=endpoint, attempt=index)
                     return False
                 if outcome == "call_ended":
                     call.add_escalation(
-                        Escalation(at=requested_at, action="supervisor", key=key, by="agent", result="call_ended")
+                        Escalation(
+                            at=requested_at, action="supervisor", key=key, by="agent", result="call_ended"
+                        )
                     )
                     return True
-                log.info("escalation event=supervisor_missed call_id=%s supervisor=%s", call.call_id, endpoint)
+                log.info(
+                    "escalation event=supervisor_missed call_id=%s supervisor=%s", call.call_id, endpoint
+                )
             call.add_escalation(
                 Escalation(at=requested_at, action="supervisor", key=key, by="agent", result="unavailable")
             )
             call.emit("supervisor_unavailable", supervisors=list(cfg.supervisors))
             if call.agent_id and not call.channel_gone(call.agent_id):
-                await call.deps.notices.play(call, call.agent_id, cfg.unavailable_sound, tag=f"{call.call_id}-nosup")
+                await call.deps.notices.play(
+                    call, call.agent_id, cfg.unavailable_sound, tag=f"{call.call_id}-nosup"
+                )
             return False
         finally:
             self.in_progress = False
@@ -235,7 +248,5 @@ class EscalationRunner:
         return "answered" if not call.channel_gone(leg) else "missed"
 
     async def _drop(self, leg: str) -> None:
-        try:
+        with contextlib.suppress(AriError):
             await self.call.deps.ari.hangup(leg)
-        except AriError:
-            pass

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .ami import AmiClient, AmiError
 from .ari import AriClient
 from .config import Config
-from .events import EventSink, NullEvents
+from .events import EventSink, MqttEvents, NullEvents
 from .recording import Recorder
 from .stasis import StasisApp
 
@@ -38,10 +38,14 @@ class Service:
             reconnect_max_s=cfg.ari.reconnect_max_s,
         )
         self.ami = AmiClient(
-            cfg.ami.host, cfg.ami.port, cfg.ami.username, cfg.ami.secret, action_timeout_s=cfg.ami.action_timeout_s
+            cfg.ami.host,
+            cfg.ami.port,
+            cfg.ami.username,
+            cfg.ami.secret,
+            action_timeout_s=cfg.ami.action_timeout_s,
         )
         self.recorder = Recorder(self.ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
-        self._runners: list[Callable[[], Awaitable[Any]]] = []
+        self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._closers: list[Callable[[], Awaitable[Any]]] = []
         self.events: EventSink = events if events is not None else self._default_events()
         notify = on_metadata if on_metadata is not None else self._default_uploader()
@@ -50,20 +54,16 @@ class Service:
     def _default_events(self) -> EventSink:
         if not self.cfg.mqtt.enabled:
             return NullEvents()
-        try:
-            from .events import MqttEvents  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            return NullEvents()
         publisher = MqttEvents(self.cfg.mqtt)
         self._runners.append(publisher.run)
-        self._closers.append(publisher.close)
-        return publisher  # type: ignore[no-any-return,unused-ignore]
+        self._closers.append(lambda: publisher.close(timeout=3))
+        return publisher
 
     def _default_uploader(self) -> Callable[[str], Awaitable[None]] | None:
         if not self.cfg.storage.enabled:
             return None
         try:
-            from .uploader import build_uploader  # type: ignore[attr-defined,unused-ignore]
+            from .uploader import build_uploader  # type: ignore[attr-defined,import-not-found,unused-ignore]
         except ImportError:
             return None
         uploader = build_uploader(self.cfg, self.events)
@@ -98,6 +98,6 @@ class Service:
     async def aclose(self) -> None:
         for closer in self._closers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(closer(), 5)
+                await asyncio.wait_for(closer(), 6)
         self.ami.close()
         await self.ari.aclose()

@@ -8,6 +8,7 @@ in its own task owned by a TaskGroup; an error in one call ends that call only. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -154,10 +155,8 @@ class StasisApp:
         try:
             await self.ari.continue_in_dialplan(channel_id)
         except AriError:
-            try:
+            with contextlib.suppress(AriError):
                 await self.ari.hangup(channel_id)
-            except AriError:
-                pass
 
     # --- re-sync after a reconnect --------------------------------------------------------------------
 
@@ -177,15 +176,17 @@ class StasisApp:
                 await self.ari.get_channel(channel_id)
             except ChannelGone:
                 call.deliver(
-                    {"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 0,
-                     "cause_txt": "gone while the event connection was down"}
+                    {
+                        "type": "ChannelDestroyed",
+                        "channel": {"id": channel_id},
+                        "cause": 0,
+                        "cause_txt": "gone while the event connection was down",
+                    }
                 )
             except AriError as exc:
                 log.warning("stasis event=resync_check_failed channel=%s error=%s", channel_id, exc)
         for channel_id in in_app - set(self._by_channel):
             log.warning("stasis event=orphan_channel channel=%s action=hangup", channel_id)
-            try:
+            with contextlib.suppress(AriError):
                 await self.ari.hangup(channel_id)
-            except AriError:
-                pass
         log.info("stasis event=resynced calls=%d channels_in_app=%d", len(self.calls), len(in_app))

@@ -63,7 +63,9 @@ class FakeAri:
         self.ops.append(("hangup", channel_id))
         self._send({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16})
 
-    async def play(self, channel_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None):
+    async def play(
+        self, channel_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None
+    ):
         self.ops.append(("play", (channel_id, media, lang)))
         if "notice" in media and self.notice == "hangup":
             self.hung_up.add(channel_id)
@@ -75,7 +77,9 @@ class FakeAri:
     async def stop_playback(self, playback_id: str) -> None:
         self.ops.append(("stop_playback", playback_id))
 
-    async def create_channel(self, endpoint: str, *, channel_id: str, app_args: str = "", originator=None, variables=None):
+    async def create_channel(
+        self, endpoint: str, *, channel_id: str, app_args: str = "", originator=None, variables=None
+    ):
         self.ops.append(("create", (endpoint, channel_id)))
         return Channel(channel_id, endpoint, "Down", "", "", "ja")
 
@@ -88,12 +92,23 @@ class FakeAri:
                 0.05, self._send, {"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16}
             )
         elif self.agent == "busy":
-            self._send({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 17, "cause_txt": "User busy"})
+            self._send(
+                {
+                    "type": "ChannelDestroyed",
+                    "channel": {"id": channel_id},
+                    "cause": 17,
+                    "cause_txt": "User busy",
+                }
+            )
 
-    async def create_bridge(self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = "") -> None:
+    async def create_bridge(
+        self, bridge_id: str, *, kind: str = "mixing,dtmf_events", name: str = ""
+    ) -> None:
         self.ops.append(("bridge", (bridge_id, kind)))
 
-    async def add_to_bridge(self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role=None) -> None:
+    async def add_to_bridge(
+        self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role=None
+    ) -> None:
         self.ops.append(("add", (channel_id, absorb_dtmf)))
 
     async def destroy_bridge(self, bridge_id: str) -> None:
@@ -106,8 +121,12 @@ class FakeAri:
         return [op for op, _ in self.ops]
 
 
-async def run_call(tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None) -> tuple[dict[str, Any], MemoryEvents]:
-    cfg = load(env={"KASUHARA_RECORDING__ASTERISK_DIR": "/spool/k", "KASUHARA_RECORDING__LOCAL_DIR": str(tmp_path)})
+async def run_call(
+    tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None
+) -> tuple[dict[str, Any], MemoryEvents]:
+    cfg = load(
+        env={"KASUHARA_RECORDING__ASTERISK_DIR": "/spool/k", "KASUHARA_RECORDING__LOCAL_DIR": str(tmp_path)}
+    )
     events = MemoryEvents()
     notified: list[str] = []
 
@@ -115,7 +134,9 @@ async def run_call(tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None) -> 
         notified.append(call_id)
 
     ami = ami or FakeAmi()
-    deps = CallDeps(cfg, ari, Recorder(ami, "/spool/k", tmp_path), NoticePlayer(ari, "ja"), events, on_metadata)
+    deps = CallDeps(
+        cfg, ari, Recorder(ami, "/spool/k", tmp_path), NoticePlayer(ari, "ja"), events, on_metadata
+    )
     caller = Channel("c1", "PJSIP/caller-0001", "Ring", "0312345678", "Taro", "ja")
     call = Call(deps, caller, "1700000000.1", "PJSIP/agent")
     ari.call = call
@@ -161,7 +182,7 @@ async def test_agent_busy_plays_apology_and_closes(tmp_path: Path) -> None:
 
 
 async def test_recording_failure_does_not_drop_the_call(tmp_path: Path) -> None:
-    meta, events = await run_call(tmp_path, FakeAri(), FakeAmi(fail=True))
+    meta, _events = await run_call(tmp_path, FakeAri(), FakeAmi(fail=True))
     assert meta["audio"]["expected"] is False
     assert "AMI down" in meta["recording_error"]
     assert meta["agent"] == "PJSIP/agent"
@@ -170,7 +191,7 @@ async def test_recording_failure_does_not_drop_the_call(tmp_path: Path) -> None:
 async def test_mixmonitor_command_holds_only_safe_text(tmp_path: Path) -> None:
     ami = FakeAmi()
     await run_call(tmp_path, FakeAri(), ami)
-    (channel, file, command) = ami.started[0]
+    (_channel, file, command) = ami.started[0]
     assert file == "/spool/k/1700000000.1.wav"
     assert command == "touch /spool/k/1700000000.1.done"
     assert "0312345678" not in command and "Taro" not in command

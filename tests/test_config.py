@@ -23,7 +23,9 @@ def test_defaults_without_file() -> None:
 
 
 def test_file_and_env_override(tmp_path: Path) -> None:
-    path = write(tmp_path, '[ari]\nurl = "http://10.0.0.1:8088"\npassword = "from-file"\n[retention]\ndays = 30\n')
+    path = write(
+        tmp_path, '[ari]\nurl = "http://10.0.0.1:8088"\npassword = "from-file"\n[retention]\ndays = 30\n'
+    )
     cfg = load(path, env={"KASUHARA_ARI__PASSWORD": "from-env", "KASUHARA_MQTT__PORT": "1884"})
     assert cfg.ari.url == "http://10.0.0.1:8088"
     assert cfg.ari.password == "from-env"

@@ -46,8 +46,12 @@ def _validator(schema: str) -> Any:
     return jsonschema.Draft202012Validator(json.loads(_text(schema)))
 
 
-def _check(schema: str, document: Mapping[str, Any], what: str) -> None:
-    errors = sorted(_validator(schema).iter_errors(dict(document)), key=lambda e: list(e.absolute_path))
+def _check(schema: str, document: object, what: str) -> None:
+    if not isinstance(document, Mapping):
+        raise SchemaError(f"{what} is a {type(document).__name__}, not a JSON object ({schema})")
+    errors = sorted(
+        _validator(schema).iter_errors(dict(document)), key=lambda e: [str(p) for p in e.absolute_path]
+    )
     if errors:
         lines = []
         for err in errors[:5]:
@@ -57,11 +61,16 @@ def _check(schema: str, document: Mapping[str, Any], what: str) -> None:
         raise SchemaError(f"{what} does not match {schema}: " + "; ".join(lines) + more)
 
 
-def validate_event(payload: Mapping[str, Any]) -> None:
-    """Raise :class:`SchemaError` unless ``payload`` is a valid ``kasuhara.event/1`` MQTT payload."""
-    _check(EVENT_SCHEMA, payload, f"event {str(payload.get('event'))[:64]!r}")
+def _name(document: object, key: str) -> str:
+    value = document.get(key) if isinstance(document, Mapping) else None
+    return repr(str(value)[:64])
 
 
-def validate_recording(metadata: Mapping[str, Any]) -> None:
-    """Raise :class:`SchemaError` unless ``metadata`` is valid ``kasuhara.recording/1`` metadata."""
-    _check(RECORDING_SCHEMA, metadata, f"recording metadata {str(metadata.get('call_id'))[:64]!r}")
+def validate_event(payload: object) -> None:
+    """Raise :class:`SchemaError` unless ``payload`` (parsed JSON) is a valid ``kasuhara.event/1`` payload."""
+    _check(EVENT_SCHEMA, payload, f"event {_name(payload, 'event')}")
+
+
+def validate_recording(metadata: object) -> None:
+    """Raise :class:`SchemaError` unless ``metadata`` (parsed JSON) is valid ``kasuhara.recording/1``."""
+    _check(RECORDING_SCHEMA, metadata, f"recording metadata {_name(metadata, 'call_id')}")

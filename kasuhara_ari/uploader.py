@@ -1,0 +1,961 @@
+"""The durable recording queue: from the spool directory into S3, exactly once, surviving any crash.
+
+The spool (``recording.host_dir``) *is* the queue; nothing about a pending upload lives only in memory.
+Per call, all named by its call id (anything else in the directory is ignored):
+
+``<id>.wav``   MixMonitor's audio, written by Asterisk.
+``<id>.done``  empty marker created by MixMonitor's completion command once Asterisk has closed the file.
+``<id>.json``  metadata (``kasuhara.recording/1``) written atomically by the call service when the call ended.
+``<id>.hold``  an evidence hold asked for while the recording may still be local (``Uploader.hold``);
+               written atomically into ``storage.queue_dir`` (default: the spool itself).
+
+A recording is *ready* when its ``.json`` exists and either no audio is expected or ``.done`` exists. If
+``.done`` never comes (Asterisk crashed), the audio is uploaded anyway once it has not changed for
+``incomplete_after_s``, marked ``audio.incomplete: true``. Audio without metadata for ``orphan_after_s``
+(the app died during the call) is *adopted*: the uploader writes minimal metadata (``orphaned: true``) so
+the evidence still reaches the bucket.
+
+One upload, in this order (each step idempotent, so a crash anywhere is repaired by running it again):
+
+1. the hold record, if the call is flagged (before anything else: the deletion guard refuses on it);
+2. the audio: hashed in a first streaming pass, skipped if the bucket already has this key with the same
+   size and sha256, else streamed up (re-hashed while sending; a file that changed aborts the upload before
+   it completes), then verified with HEAD (size + ``x-amz-meta-sha256``), then legal hold if flagged;
+3. the metadata (audio key/bytes/sha256 filled in) — last, so a reader that sees the ``.json`` object sees a
+   complete recording; skipped if already there for this audio (``x-amz-meta-audio-sha256``); verified;
+4. holds asked for during the upload; then the event ``recording_stored``;
+5. local files removed: ``.wav``, ``.done``, ``.json``, and the ``.hold`` marker last.
+
+Failures leave everything in place and retry with capped exponential backoff, forever. On start the whole
+spool is scanned, so whatever a crash left behind is picked up. ``notify(call_id)`` wakes the worker at
+once; a poll every ``poll_interval_s`` is the safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .events import EventSink, now_iso
+from .safe import clean_caller_name, clean_caller_number, is_safe_call_id, safe_call_id
+from .storage import (
+    META_AUDIO_SHA256,
+    META_CALL_ID,
+    META_SHA256,
+    NO_AUDIO,
+    HoldRecord,
+    MinioStore,
+    ObjectInfo,
+    ObjectStore,
+    RecordingHolds,
+    RecordingKeys,
+    StorageError,
+    StorageRefused,
+    hash_file,
+    parse_started_at,
+    recording_keys,
+)
+
+log = logging.getLogger(__name__)
+
+RECORDING_SCHEMA = "kasuhara.recording/1"
+SUFFIXES = (".wav", ".done", ".json", ".hold")
+LOCK_NAME = ".kasuhara-uploader.lock"
+META_AUDIO_STATUS = "audio-status"
+META_ORPHANED = "orphaned"
+
+
+# --------------------------------------------------------------------------------------------- spool
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class LocalState:
+    """What one call has in the spool right now (``None`` = file absent)."""
+
+    call_id: str
+    wav: FileStat | None = None
+    done: FileStat | None = None
+    json: FileStat | None = None
+    hold: FileStat | None = None
+
+    @property
+    def oldest(self) -> float:
+        return min(
+            (f.mtime for f in (self.wav, self.done, self.json, self.hold) if f is not None), default=0.0
+        )
+
+    @property
+    def bytes(self) -> int:
+        return self.wav.size if self.wav else 0
+
+
+class InvalidMetadata(ValueError):
+    """``<id>.json`` cannot be used (not JSON, wrong call id, no usable ``started_at``)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Write ``data`` so that readers see nothing or all of it, even after ``kill -9`` or power loss.
+
+    With ``replace=False`` an existing file wins (returns ``False``): used for markers where the first
+    writer's content must be kept.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        _fsync_dir(path.parent)
+        return True
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class SpoolFiles:
+    wav: Path
+    done: Path
+    json: Path
+    hold: Path
+
+
+class Spool:
+    """The spool directory as the uploader's durable queue. All methods are blocking (run in threads)."""
+
+    def __init__(self, directory: Path, queue_dir: Path | None = None) -> None:
+        self.directory = Path(directory)
+        self.queue_dir = Path(queue_dir) if queue_dir is not None else self.directory
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Spool:
+        queue = Path(cfg.storage.queue_dir) if cfg.storage.queue_dir else None
+        return cls(cfg.recording.host_dir, queue)
+
+    def files(self, call_id: str) -> SpoolFiles:
+        cid = safe_call_id(call_id)
+        return SpoolFiles(
+            wav=self.directory / f"{cid}.wav",
+            done=self.directory / f"{cid}.done",
+            json=self.directory / f"{cid}.json",
+            hold=self.queue_dir / f"{cid}.hold",
+        )
+
+    def scan(self) -> dict[str, LocalState]:
+        """Every call id with at least one file, from one listing per directory."""
+        found: dict[str, dict[str, FileStat]] = {}
+        sources: list[tuple[Path, tuple[str, ...]]]
+        if self.queue_dir == self.directory:
+            sources = [(self.directory, SUFFIXES)]
+        else:
+            sources = [(self.directory, (".wav", ".done", ".json")), (self.queue_dir, (".hold",))]
+        for directory, wanted in sources:
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                stem, dot, ext = entry.name.rpartition(".")
+                if dot + ext not in wanted or not is_safe_call_id(stem):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                found.setdefault(stem, {})[ext] = FileStat(st.st_size, st.st_mtime)
+        return {
+            cid: LocalState(cid, f.get("wav"), f.get("done"), f.get("json"), f.get("hold"))
+            for cid, f in found.items()
+        }
+
+    def inspect(self, call_id: str) -> LocalState:
+        files = self.files(call_id)
+
+        def stat(p: Path) -> FileStat | None:
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                return None
+            return FileStat(st.st_size, st.st_mtime)
+
+        return LocalState(call_id, stat(files.wav), stat(files.done), stat(files.json), stat(files.hold))
+
+    def read_metadata(self, call_id: str) -> dict[str, Any]:
+        """The call's metadata, checked for what the uploader relies on; :class:`InvalidMetadata` if not."""
+        path = self.files(call_id).json
+        raw = path.read_bytes()
+        if len(raw) > 16 * 1024 * 1024:
+            raise InvalidMetadata(f"{path.name}: larger than 16 MiB")
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidMetadata(f"{path.name}: not JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise InvalidMetadata(f"{path.name}: not a JSON object")
+        if doc.get("call_id") != call_id:
+            raise InvalidMetadata(f"{path.name}: call_id does not match the file name")
+        try:
+            recording_keys(call_id, parse_started_at(doc.get("started_at")))
+        except ValueError as exc:
+            raise InvalidMetadata(f"{path.name}: {exc}") from None
+        return doc
+
+    def write_metadata(self, call_id: str, metadata: Mapping[str, Any], *, replace: bool = True) -> bool:
+        """Atomic write of ``<id>.json`` (for the call service, and for adopted orphans)."""
+        data = json.dumps(dict(metadata), ensure_ascii=False, indent=1).encode("utf-8", "backslashreplace")
+        return write_file_atomic(self.files(call_id).json, data, replace=replace)
+
+    def read_hold(self, call_id: str) -> HoldRecord | None:
+        path = self.files(call_id).hold
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return HoldRecord.from_json(raw)
+        except (ValueError, json.JSONDecodeError):
+            # Written atomically, so only a manual edit gets here; a hold must never be dropped silently.
+            log.error("spool event=unreadable_hold_marker call_id=%s", call_id)
+            return HoldRecord(call_id=call_id, reason="(unreadable hold marker)", by="", at=now_iso())
+
+    def write_hold(self, record: HoldRecord) -> HoldRecord:
+        """Durably record a hold request; the first one for a call wins and is returned."""
+        path = self.files(record.call_id).hold
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        if write_file_atomic(path, record.to_json(), replace=False):
+            return record
+        return self.read_hold(record.call_id) or record
+
+    def remove_recording(self, call_id: str) -> None:
+        """Remove audio, marker and metadata, in this order (metadata last keeps a crash recoverable)."""
+        files = self.files(call_id)
+        for path in (files.wav, files.done, files.json):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        _fsync_dir(self.directory)
+
+    def remove_hold(self, call_id: str, applied: HoldRecord) -> bool:
+        """Remove the hold marker if it is still the one that was applied (a newer one stays)."""
+        current = self.read_hold(call_id)
+        if current is None:
+            return True
+        if current != applied:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.files(call_id).hold.unlink()
+        _fsync_dir(self.queue_dir)
+        return True
+
+    def remove_stray_done(self, call_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.files(call_id).done.unlink()
+
+
+# --------------------------------------------------------------------------------------------- decisions
+
+
+class Action(enum.Enum):
+    WAIT = "wait"
+    UPLOAD = "upload"
+    ADOPT_ORPHAN = "adopt_orphan"
+    APPLY_HOLD = "apply_hold"
+    DROP_STRAY_DONE = "drop_stray_done"
+    INVALID = "invalid"
+
+
+class AudioMode(enum.Enum):
+    COMPLETE = "stored"  # .done present
+    INCOMPLETE = "incomplete"  # no .done, file unchanged for the grace period
+    ABSENT = "absent"  # expected but no local file: already uploaded (crash) or never written
+    NOT_RECORDED = "not_recorded"  # metadata says MixMonitor never started, and there is no file
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    audio: AudioMode | None = None
+    #: For ABSENT: the grace period is over, so "no audio anywhere" may be concluded.
+    final: bool = True
+
+
+@dataclass(frozen=True)
+class Timing:
+    incomplete_after_s: float = 120.0
+    orphan_after_s: float = 3600.0
+
+
+def decide(
+    state: LocalState, metadata: Mapping[str, Any] | InvalidMetadata | None, now: float, timing: Timing
+) -> Decision:
+    """What to do with one call's spool files now. Pure: inputs are file stats, parsed metadata, wall time."""
+    wav, done, meta_file = state.wav, state.done, state.json
+    if meta_file is not None:
+        if metadata is None:
+            return Decision(Action.WAIT, "metadata being replaced")
+        if isinstance(metadata, InvalidMetadata):
+            return Decision(Action.INVALID, str(metadata))
+        audio = metadata.get("audio")
+        expected = bool(audio.get("expected", True)) if isinstance(audio, Mapping) else True
+        if wav is None and not expected:
+            return Decision(Action.UPLOAD, "no audio expected", AudioMode.NOT_RECORDED)
+        if done is not None:
+            if wav is None:
+                return Decision(Action.UPLOAD, "audio closed but not here", AudioMode.ABSENT)
+            return Decision(Action.UPLOAD, "ready", AudioMode.COMPLETE)
+        if wav is not None:
+            quiet = now - wav.mtime
+            if quiet >= timing.incomplete_after_s:
+                return Decision(Action.UPLOAD, "no .done; audio unchanged", AudioMode.INCOMPLETE)
+            return Decision(Action.WAIT, "waiting for .done")
+        waited = now - meta_file.mtime
+        final = waited >= timing.incomplete_after_s
+        return Decision(Action.UPLOAD, "audio expected, not here", AudioMode.ABSENT, final=final)
+    if wav is not None:
+        since = now - (done.mtime if done is not None else wav.mtime)
+        if since >= timing.orphan_after_s:
+            return Decision(Action.ADOPT_ORPHAN, "audio without metadata")
+        return Decision(Action.WAIT, "call in progress or metadata pending")
+    if state.hold is not None:
+        return Decision(Action.APPLY_HOLD, "hold for a recording not in the spool")
+    if done is not None:
+        if now - done.mtime >= timing.orphan_after_s:
+            return Decision(Action.DROP_STRAY_DONE, ".done without audio")
+        return Decision(Action.WAIT, ".done without audio")
+    return Decision(Action.WAIT, "nothing")
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, jitter: float = 0.2) -> float:
+    """Capped exponential backoff with ±``jitter`` so queued recordings don't retry in lockstep."""
+    delay = min(cap_s, base_s * (2 ** max(0, attempt - 1)))
+    return float(delay * random.uniform(1 - jitter, 1 + jitter))  # noqa: S311 - not for security
+
+
+def wav_duration_s(path: Path, size: int) -> float:
+    """Duration from a WAV header's byte rate (0 if unknown): used to estimate an orphan's start."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(44)
+    except OSError:
+        return 0.0
+    if len(head) < 44 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return 0.0
+    (byte_rate,) = struct.unpack_from("<I", head, 28)
+    return max(0.0, (size - 44) / byte_rate) if byte_rate else 0.0
+
+
+def orphan_metadata(call_id: str, wav: Path) -> dict[str, Any]:
+    """Minimal metadata for audio whose call service never wrote any (the app died during the call)."""
+    st = wav.stat()
+    started = st.st_mtime - wav_duration_s(wav, st.st_size)
+    return {
+        "schema": RECORDING_SCHEMA,
+        "call_id": call_id,
+        "direction": None,
+        "caller": {"number": None, "name": None},
+        "target": None,
+        "agent": None,
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds"),
+        "answered_at": None,
+        "ended_at": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="milliseconds"),
+        "duration_s": None,
+        "notice_played": False,
+        "audio": {"format": "wav", "expected": True},
+        "escalations": [],
+        "flags": [],
+        "hold": None,
+        "orphaned": True,
+        "orphan_note": "the call service wrote no metadata; started_at estimated from the audio file",
+    }
+
+
+# --------------------------------------------------------------------------------------------- upload
+
+
+@dataclass(frozen=True)
+class AudioResult:
+    status: str  # stored | incomplete | empty | missing | not_recorded
+    key: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+def final_metadata(
+    metadata: Mapping[str, Any], keys: RecordingKeys, audio: AudioResult, hold: HoldRecord | None
+) -> dict[str, Any]:
+    """The metadata object as stored: the call service's document with the audio filled in and the
+    caller's text cleaned again (cleaning is idempotent, so this is only a safety net)."""
+    doc = dict(metadata)
+    doc["call_id"] = keys.call_id
+    caller = doc.get("caller")
+    if isinstance(caller, Mapping):
+        doc["caller"] = {
+            **caller,
+            "number": clean_caller_number(caller.get("number")),
+            "name": clean_caller_name(caller.get("name")),
+        }
+    given = doc.get("audio")
+    audio_doc = dict(given) if isinstance(given, Mapping) else {}
+    audio_doc.update(
+        {
+            "format": "wav",
+            "expected": bool(audio_doc.get("expected", True)) or audio.key is not None,
+            "key": audio.key,
+            "bytes": audio.bytes,
+            "sha256": audio.sha256,
+            "status": audio.status,
+            "incomplete": audio.status == "incomplete",
+        }
+    )
+    doc["audio"] = audio_doc
+    if hold is not None and not doc.get("hold"):
+        doc["hold"] = hold.as_metadata_hold()
+    return doc
+
+
+def encode_metadata(doc: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates somewhere: fall back to \\u escapes, which every JSON reader accepts.
+        return json.dumps(doc, ensure_ascii=True, indent=1).encode("ascii")
+
+
+class RetryLater(Exception):
+    def __init__(self, reason: str, delay_s: float) -> None:
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+class VerifyError(StorageError):
+    """The object read back does not match what was uploaded."""
+
+
+@dataclass
+class _Track:
+    attempts: int = 0
+    not_before: float = 0.0
+    last_reason: str = ""
+
+
+@dataclass
+class UploaderStats:
+    stored: int = 0
+    skipped_existing: int = 0
+    failures: int = 0
+    holds_applied: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class Uploader:
+    """Moves finished recordings from the spool into S3. Owned by the service's TaskGroup via :meth:`run`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: ObjectStore,
+        events: EventSink,
+        *,
+        spool: Spool | None = None,
+        poll_interval_s: float = 0.5,
+        concurrency: int = 2,
+        timing: Timing | None = None,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.events = events
+        self.spool = spool or Spool.from_config(cfg)
+        self.holds = RecordingHolds(store)
+        self.poll_interval_s = poll_interval_s
+        self.concurrency = concurrency
+        self.timing = timing or Timing()
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.clock = clock
+        self.stats = UploaderStats()
+        self._wake = asyncio.Event()
+        self._active: set[str] = set()
+        self._track: dict[str, _Track] = {}
+        self._hash_cache: dict[tuple[str, int, int, int], str] = {}
+        self._meta_cache: dict[str, tuple[tuple[int, int], Mapping[str, Any] | InvalidMetadata]] = {}
+        self._lock_fd: int | None = None
+
+    # -- public
+
+    async def notify(self, call_id: str) -> None:
+        """The call service wrote ``<call_id>.json`` (or anything changed for it): look now."""
+        if not is_safe_call_id(call_id):
+            log.warning("upload event=notify_ignored reason=unsafe_call_id")
+            return
+        self._track.setdefault(call_id, _Track()).not_before = 0.0
+        self._wake.set()
+
+    async def hold(self, call_id: str, reason: str, by: str, *, started_at: datetime | str) -> HoldRecord:
+        """Put a call's recording on evidence hold, durably, whether it is uploaded yet or not.
+
+        Returns once the request is on disk (``<id>.hold``, fsynced): from then on no crash loses it. The
+        worker applies it — at upload if the recording is still local, else to the objects in the bucket,
+        retrying while S3 is down. The first hold of a call wins; it is returned.
+        """
+        record = HoldRecord.create(call_id, reason, by, at=now_iso(), started_at=started_at)
+        stored = await asyncio.to_thread(self.spool.write_hold, record)
+        log.info("hold event=requested call_id=%s", record.call_id)
+        await self.notify(record.call_id)
+        return stored
+
+    async def run(self) -> None:
+        """Scan the spool now and keep uploading until cancelled."""
+        await self._acquire_lock()
+        log.info(
+            "upload event=started spool=%s queue=%s bucket=%s",
+            self.spool.directory,
+            self.spool.queue_dir,
+            self.store.bucket,
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                while True:
+                    self._wake.clear()
+                    await self._schedule(tasks)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.poll_interval_s):
+                            await self._wake.wait()
+        finally:
+            self._release_lock()
+
+    async def wait_empty(self, poll_s: float = 0.1) -> None:
+        """Return once the spool holds no recording and no hold marker (for drains and tests)."""
+        while True:
+            if not await asyncio.to_thread(self.spool.scan):
+                return
+            await asyncio.sleep(poll_s)
+
+    # -- scheduling
+
+    async def _acquire_lock(self) -> None:
+        """One uploader per queue: a second process on the same spool waits instead of racing."""
+        self.spool.queue_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool.queue_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        warned = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if not warned:
+                    log.warning("upload event=waiting_for_lock path=%s (another uploader runs)", path)
+                    warned = True
+                await asyncio.sleep(1.0)
+                continue
+            self._lock_fd = fd
+            return
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _metadata_for(self, state: LocalState) -> Mapping[str, Any] | InvalidMetadata | None:
+        if state.json is None:
+            self._meta_cache.pop(state.call_id, None)
+            return None
+        stamp = (state.json.size, int(state.json.mtime * 1e9))
+        cached = self._meta_cache.get(state.call_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            value: Mapping[str, Any] | InvalidMetadata = self.spool.read_metadata(state.call_id)
+        except FileNotFoundError:
+            return None
+        except InvalidMetadata as exc:
+            value = exc
+        self._meta_cache[state.call_id] = (stamp, value)
+        return value
+
+    def _plan(self) -> list[tuple[LocalState, Decision]]:
+        """Blocking: scan and decide (runs in a thread)."""
+        now = self.clock()
+        states = self.spool.scan()
+        for gone in set(self._meta_cache) - set(states):
+            del self._meta_cache[gone]
+        plan = [(s, decide(s, self._metadata_for(s), now, self.timing)) for s in states.values()]
+        plan.sort(key=lambda item: item[0].oldest)
+        return plan
+
+    async def _schedule(self, tasks: asyncio.TaskGroup) -> None:
+        try:
+            plan = await asyncio.to_thread(self._plan)
+        except OSError as exc:
+            log.error("upload event=scan_failed spool=%s error=%s", self.spool.directory, exc)
+            return
+        present = {s.call_id for s, _ in plan}
+        for cid in list(self._track):
+            if cid not in present and cid not in self._active:
+                del self._track[cid]
+        mono = time.monotonic()
+        for state, decision in plan:
+            cid = state.call_id
+            track = self._track.setdefault(cid, _Track())
+            if decision.reason != track.last_reason:
+                track.last_reason = decision.reason
+                level = logging.ERROR if decision.action is Action.INVALID else logging.DEBUG
+                log.log(
+                    level,
+                    "upload event=state call_id=%s action=%s reason=%s",
+                    cid,
+                    decision.action.value,
+                    decision.reason.replace(" ", "_"),
+                )
+            if decision.action in (Action.WAIT, Action.INVALID):
+                continue
+            if cid in self._active or track.not_before > mono:
+                continue
+            if len(self._active) >= self.concurrency:
+                break
+            self._active.add(cid)
+            tasks.create_task(self._run_one(cid, decision), name=f"upload-{cid}")
+
+    async def _run_one(self, call_id: str, decision: Decision) -> None:
+        track = self._track.setdefault(call_id, _Track())
+        try:
+            if decision.action is Action.UPLOAD:
+                await self._upload(call_id, decision)
+            elif decision.action is Action.ADOPT_ORPHAN:
+                await asyncio.to_thread(self._adopt, call_id)
+            elif decision.action is Action.APPLY_HOLD:
+                await self._apply_marker_hold(call_id)
+            elif decision.action is Action.DROP_STRAY_DONE:
+                await asyncio.to_thread(self.spool.remove_stray_done, call_id)
+            track.attempts = 0
+            track.not_before = 0.0
+        except RetryLater as exc:
+            track.not_before = time.monotonic() + exc.delay_s
+            log.debug("upload event=later call_id=%s reason=%s", call_id, str(exc).replace(" ", "_"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # evidence is never dropped: every failure is retried
+            track.attempts += 1
+            self.stats.failures += 1
+            delay = backoff_delay(track.attempts, base_s=self.backoff_base_s, cap_s=self.backoff_cap_s)
+            track.not_before = time.monotonic() + delay
+            # An outage is expected and logged as a warning; a refusal (credentials, policy) or anything
+            # unexpected needs an operator, but is retried all the same: evidence is never given up.
+            level = logging.ERROR
+            if isinstance(exc, StorageError | OSError) and not isinstance(exc, StorageRefused):
+                level = logging.WARNING
+            log.log(
+                level,
+                "upload event=failed call_id=%s attempt=%d retry_in_s=%.1f error=%s: %s",
+                call_id,
+                track.attempts,
+                delay,
+                type(exc).__name__,
+                str(exc)[:300],
+                exc_info=not isinstance(exc, StorageError | OSError),
+            )
+        finally:
+            self._active.discard(call_id)
+            self._wake.set()
+
+    # -- the work
+
+    def _adopt(self, call_id: str) -> None:
+        files = self.spool.files(call_id)
+        doc = orphan_metadata(call_id, files.wav)
+        if self.spool.write_metadata(call_id, doc, replace=False):
+            log.warning("upload event=orphan_adopted call_id=%s started_at=%s", call_id, doc["started_at"])
+
+    def _hash(self, path: Path) -> tuple[int, str]:
+        st = path.stat()
+        stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = self._hash_cache.get(stamp)
+        if cached is not None:
+            return st.st_size, cached
+        size, digest = hash_file(path)
+        if size == st.st_size:
+            if len(self._hash_cache) > 1000:
+                self._hash_cache.clear()
+            self._hash_cache[stamp] = digest
+        return size, digest
+
+    async def _store_audio(
+        self, call_id: str, keys: RecordingKeys, decision: Decision, held: bool
+    ) -> AudioResult:
+        mode = decision.audio
+        if mode is AudioMode.NOT_RECORDED:
+            return AudioResult("not_recorded")
+        if mode is AudioMode.ABSENT:
+            info = await self.store.stat(keys.audio)
+            if info is not None and info.metadata.get(META_SHA256):
+                # Uploaded before a crash that came after the local file was removed.
+                await self._ensure_legal_hold(keys.audio, info, held)
+                status = info.metadata.get(META_AUDIO_STATUS, "stored")
+                return AudioResult(status, keys.audio, info.size, info.metadata[META_SHA256])
+            if not decision.final:
+                raise RetryLater("audio expected; waiting for it", self.timing.incomplete_after_s / 4)
+            log.warning("upload event=audio_missing call_id=%s", call_id)
+            return AudioResult("missing")
+        wav = self.spool.files(call_id).wav
+        size, sha = await asyncio.to_thread(self._hash, wav)
+        if size == 0:
+            return AudioResult("empty", None, 0, None)
+        status = "incomplete" if mode is AudioMode.INCOMPLETE else "stored"
+        info = await self.store.stat(keys.audio)
+        if info is not None and info.size == size and info.metadata.get(META_SHA256) == sha:
+            self.stats.skipped_existing += 1
+            log.info("upload event=audio_already_stored call_id=%s key=%s", call_id, keys.audio)
+        else:
+            await self.store.put_file(
+                keys.audio,
+                wav,
+                length=size,
+                sha256=sha,
+                metadata={META_SHA256: sha, META_CALL_ID: call_id, META_AUDIO_STATUS: status},
+                content_type="audio/wav",
+            )
+            info = await self.store.stat(keys.audio)
+            if info is None or info.size != size or info.metadata.get(META_SHA256) != sha:
+                raise VerifyError(f"verify {keys.audio}: object does not match the uploaded file")
+        await self._ensure_legal_hold(keys.audio, info, held)
+        return AudioResult(status, keys.audio, size, sha)
+
+    async def _ensure_legal_hold(self, key: str, info: ObjectInfo, held: bool) -> None:
+        if held and info.legal_hold is not True:
+            await self.store.set_legal_hold(key, True)
+
+    async def _store_metadata(
+        self, keys: RecordingKeys, doc: Mapping[str, Any], audio: AudioResult, held: bool
+    ) -> None:
+        audio_mark = audio.sha256 or NO_AUDIO
+        orphaned = "yes" if doc.get("orphaned") else "no"
+        info = await self.store.stat(keys.metadata)
+        if (
+            info is not None
+            and info.metadata.get(META_AUDIO_SHA256) == audio_mark
+            and info.metadata.get(META_ORPHANED, "no") == orphaned
+        ):
+            # Already stored for this audio: a re-run after a crash must not add a second version.
+            log.info("upload event=metadata_already_stored call_id=%s key=%s", keys.call_id, keys.metadata)
+        else:
+            data = encode_metadata(doc)
+            sha = hashlib.sha256(data).hexdigest()
+            await self.store.put_bytes(
+                keys.metadata,
+                data,
+                metadata={
+                    META_SHA256: sha,
+                    META_AUDIO_SHA256: audio_mark,
+                    META_CALL_ID: keys.call_id,
+                    META_ORPHANED: orphaned,
+                },
+                content_type="application/json",
+            )
+            info = await self.store.stat(keys.metadata)
+            if info is None or info.size != len(data) or info.metadata.get(META_SHA256) != sha:
+                raise VerifyError(f"verify {keys.metadata}: object does not match the uploaded metadata")
+        await self._ensure_legal_hold(keys.metadata, info, held)
+
+    async def _upload(self, call_id: str, decision: Decision) -> None:
+        try:
+            metadata = await asyncio.to_thread(self.spool.read_metadata, call_id)
+        except FileNotFoundError:
+            return  # gone meanwhile (removed by hand?): the next scan decides again
+        keys = recording_keys(call_id, metadata["started_at"])
+        marker = await asyncio.to_thread(self.spool.read_hold, call_id)
+        hold = marker
+        given = metadata.get("hold")
+        if hold is None and isinstance(given, Mapping):
+            hold = HoldRecord.create(
+                call_id,
+                given.get("reason", ""),
+                given.get("by", ""),
+                at=str(given.get("at") or now_iso()),
+                started_at=keys_started(metadata),
+            )
+        if hold is not None:
+            await self.holds.apply(hold, keys)  # record first (objects may not exist yet)
+        audio = await self._store_audio(call_id, keys, decision, held=hold is not None)
+        doc = final_metadata(metadata, keys, audio, hold)
+        await self._store_metadata(keys, doc, audio, held=hold is not None)
+        late = await asyncio.to_thread(self.spool.read_hold, call_id)
+        if late is not None and late != marker:
+            await self.holds.apply(late, keys)
+            marker = late
+        elif hold is not None:
+            await self.holds.apply(hold, keys)  # confirms record + both legal holds (idempotent)
+        if hold is not None or late is not None:
+            self.stats.holds_applied += 1
+        self.stats.stored += 1
+        fields: dict[str, Any] = {
+            "key": audio.key or keys.metadata,
+            "metadata_key": keys.metadata,
+            "audio_status": audio.status,
+            "held": hold is not None or late is not None,
+        }
+        if audio.bytes is not None:
+            fields["bytes"] = audio.bytes
+        if audio.sha256 is not None:
+            fields["sha256"] = audio.sha256
+        self.events.emit("recording_stored", call_id, **fields)
+        log.info(
+            "upload event=stored call_id=%s key=%s bytes=%s audio=%s held=%s",
+            call_id,
+            fields["key"],
+            audio.bytes,
+            audio.status,
+            fields["held"],
+        )
+        await asyncio.to_thread(self.spool.remove_recording, call_id)
+        if marker is not None:
+            await asyncio.to_thread(self.spool.remove_hold, call_id, marker)
+
+    async def _apply_marker_hold(self, call_id: str) -> None:
+        marker = await asyncio.to_thread(self.spool.read_hold, call_id)
+        if marker is None:
+            return
+        state = await asyncio.to_thread(self.spool.inspect, call_id)
+        if state.json is not None or state.wav is not None:
+            return  # the recording is (again) local: the upload applies the hold
+        if marker.started_at is None:
+            log.error("hold event=cannot_locate call_id=%s reason=no_started_at", call_id)
+            raise RetryLater("hold without started_at", self.backoff_cap_s)
+        keys = recording_keys(call_id, marker.started_at)
+        outcome = await self.holds.apply(marker, keys)
+        if outcome.pending_upload:
+            # Not uploaded and not local: the call has not ended yet (metadata comes later). Keep it.
+            raise RetryLater("recording not uploaded yet", min(self.backoff_cap_s, 5.0))
+        self.stats.holds_applied += 1
+        await asyncio.to_thread(self.spool.remove_hold, call_id, marker)
+
+
+def keys_started(metadata: Mapping[str, Any]) -> str | None:
+    value = metadata.get("started_at")
+    return value if isinstance(value, str) else None
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True)
+class SpoolStatus:
+    """The queue's backlog as ``kasuhara storage status`` shows it."""
+
+    spool: str
+    queue: str
+    recordings: int
+    ready: int
+    waiting_for_audio: int
+    in_call: int
+    orphans: int
+    invalid: int
+    pending_holds: int
+    bytes: int
+    oldest_age_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def spool_status(spool: Spool, *, now: float | None = None, timing: Timing | None = None) -> SpoolStatus:
+    """Blocking: count what the uploader would do with each call in the spool."""
+    now = time.time() if now is None else now
+    timing = timing or Timing()
+    counts = dict.fromkeys(("ready", "waiting_for_audio", "in_call", "orphans", "invalid", "holds"), 0)
+    recordings = 0
+    total = 0
+    oldest: float | None = None
+    for state in spool.scan().values():
+        if state.hold is not None:
+            counts["holds"] += 1
+        if state.wav is None and state.json is None:
+            continue
+        recordings += 1
+        total += state.bytes
+        oldest = state.oldest if oldest is None else min(oldest, state.oldest)
+        meta: Mapping[str, Any] | InvalidMetadata | None = None
+        if state.json is not None:
+            try:
+                meta = spool.read_metadata(state.call_id)
+            except InvalidMetadata as exc:
+                meta = exc
+            except FileNotFoundError:
+                meta = None
+        d = decide(state, meta, now, timing)
+        if d.action is Action.UPLOAD:
+            counts["ready"] += 1
+        elif d.action is Action.INVALID:
+            counts["invalid"] += 1
+        elif d.action is Action.ADOPT_ORPHAN:
+            counts["orphans"] += 1
+        elif state.json is not None:
+            counts["waiting_for_audio"] += 1
+        else:
+            counts["in_call"] += 1
+    return SpoolStatus(
+        spool=str(spool.directory),
+        queue=str(spool.queue_dir),
+        recordings=recordings,
+        ready=counts["ready"],
+        waiting_for_audio=counts["waiting_for_audio"],
+        in_call=counts["in_call"],
+        orphans=counts["orphans"],
+        invalid=counts["invalid"],
+        pending_holds=counts["holds"],
+        bytes=total,
+        oldest_age_s=None if oldest is None else max(0.0, now - oldest),
+    )
+
+
+def build_uploader(cfg: Config, events: EventSink, **options: Any) -> Uploader:
+    """The uploader ``kasuhara serve`` runs: a :class:`MinioStore` from ``[storage]`` over the spool."""
+    return Uploader(cfg, MinioStore.from_config(cfg.storage), events, **options)

@@ -1,0 +1,135 @@
+"""Fixtures for tests against the real local stack (``scripts/stack up``).
+
+A server that is not running makes a test skip on a developer's machine, and FAIL when ``CI=true``: CI
+must never pass by skipping the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kasuhara_ari.config import Config, ConfigError, load
+
+STACK_DIR = Path(os.environ.get("KASUHARA_STACK_DIR", "/var/cache/kasuhara"))
+STACK_CONFIG = Path(os.environ.get("KASUHARA_TEST_CONFIG", STACK_DIR / "kasuhara.toml"))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def missing(what: str) -> None:
+    """Skip locally, fail in CI."""
+    message = f"{what} (start it with: scripts/stack up)"
+    if IN_CI:
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def stack_cfg() -> Config:
+    if not STACK_CONFIG.exists():
+        missing(f"the local stack's config {STACK_CONFIG} does not exist")
+    try:
+        return load(STACK_CONFIG, env={})
+    except ConfigError as exc:
+        pytest.fail(f"stack config is broken: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def asterisk(stack_cfg: Config) -> Config:
+    import httpx
+
+    try:
+        resp = httpx.get(
+            f"{stack_cfg.ari.url}/ari/asterisk/info",
+            auth=(stack_cfg.ari.username, stack_cfg.ari.password),
+            timeout=3,
+        )
+    except httpx.HTTPError as exc:
+        missing(f"Asterisk (ARI at {stack_cfg.ari.url}) is not reachable: {exc}")
+    if resp.status_code != 200:
+        pytest.fail(f"ARI answered {resp.status_code}: credentials in {STACK_CONFIG} do not match")
+    if not port_open(stack_cfg.ami.host, stack_cfg.ami.port):
+        missing("AMI is not reachable")
+    return stack_cfg
+
+
+@pytest.fixture(scope="session")
+def mqtt_broker(stack_cfg: Config) -> Config:
+    if not port_open(stack_cfg.mqtt.host, stack_cfg.mqtt.port):
+        missing(f"mosquitto at {stack_cfg.mqtt.host}:{stack_cfg.mqtt.port} is not reachable")
+    return stack_cfg
+
+
+@pytest.fixture(scope="session")
+def s3_server(stack_cfg: Config) -> Config:
+    host, _, port = stack_cfg.storage.endpoint.partition(":")
+    if not port_open(host, int(port or 80)):
+        missing(f"the S3 server at {stack_cfg.storage.endpoint} is not reachable")
+    return stack_cfg
+
+
+@pytest.fixture
+def spool(asterisk: Config) -> Path:
+    return asterisk.recording.host_dir
+
+
+@pytest.fixture
+def call_cfg(asterisk: Config) -> Config:
+    """The stack's config with MQTT and S3 switched off: call-flow tests look at the spool directly."""
+    return replace(
+        asterisk,
+        mqtt=replace(asterisk.mqtt, enabled=False),
+        storage=replace(asterisk.storage, enabled=False),
+    )
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def running_service(call_cfg: Config) -> AsyncIterator[object]:
+    """The call service in this test's event loop, with events kept in memory."""
+    from kasuhara_ari.events import MemoryEvents
+    from kasuhara_ari.service import Service
+
+    events = MemoryEvents()
+    service = Service(call_cfg, events=events)
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.app.connected.wait(), 10)
+        # Let the resync after connecting finish before calls arrive.
+        await asyncio.sleep(0.2)
+        service.memory_events = events  # type: ignore[attr-defined]
+        yield service
+    finally:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+            pass
+
+
+@pytest.fixture
+def sip_workdir(tmp_path: Path) -> Iterator[Path]:
+    work = tmp_path / "sipp"
+    work.mkdir()
+    yield work

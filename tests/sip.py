@@ -1,0 +1,191 @@
+"""Real SIP phones for tests: SIPp processes placing and answering calls through the local Asterisk.
+
+Each phone runs in its own working directory copy of ``tests/sipp`` (SIPp opens ``rtp_stream`` files
+relative to the working directory) and logs every SIP message with a timestamp, so tests can tell when
+an INVITE reached a phone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+SIPP_DIR = Path(__file__).resolve().parent / "sipp"
+ASTERISK_SIP = "127.0.0.1:5060"
+_used_ports: set[int] = set()
+
+
+def free_udp_port(lo: int, hi: int) -> int:
+    """A free UDP port in [lo, hi] (tests pick agent ports 5100-5999: the dialplan maps 5XXX to them)."""
+    for _ in range(200):
+        port = random.randint(lo, hi)  # noqa: S311 - not crypto
+        if port in _used_ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _used_ports.add(port)
+        return port
+    raise RuntimeError(f"no free UDP port in {lo}-{hi}")
+
+
+def agent_port() -> int:
+    return free_udp_port(5100, 5999)
+
+
+def rtp_base() -> int:
+    """RTP ports for one SIPp instance (kept off Asterisk's 20000-29999)."""
+    return free_udp_port(30000, 59000) & ~1
+
+
+class Phone:
+    """One SIPp process (a UAC or a UAS scenario)."""
+
+    def __init__(self, workdir: Path, name: str, args: Sequence[str]) -> None:
+        self.dir = workdir / name
+        if not self.dir.exists():
+            shutil.copytree(SIPP_DIR, self.dir)
+        self.name = name
+        self.args = list(args)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.messages = self.dir / "messages.log"
+        self.errors = self.dir / "errors.log"
+        self.stats = self.dir / "stats.csv"
+
+    async def start(self) -> Phone:
+        cmd = [
+            "sipp",
+            *self.args,
+            "-nostdin",
+            "-trace_msg",
+            "-message_file",
+            str(self.messages),
+            "-trace_err",
+            "-error_file",
+            str(self.errors),
+            "-trace_stat",
+            "-stf",
+            str(self.stats),
+        ]
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        return self
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            raise AssertionError(
+                f"SIPp {self.name} still running after {timeout}s: {self.error_text()}"
+            ) from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+    async def stop(self) -> None:
+        self.kill()
+        if self.proc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.proc.wait(), 5)
+
+    def error_text(self) -> str:
+        return self.errors.read_text(errors="replace")[-2000:] if self.errors.exists() else ""
+
+    def received(self, method: str) -> list[datetime]:
+        """When each ``method`` request (e.g. INVITE, BYE) arrived at this phone (wall clock, UTC)."""
+        if not self.messages.exists():
+            return []
+        text = self.messages.read_text(errors="replace")
+        times = []
+        # SIPp's message log: a header line with the date and time, then "UDP message received ...:" and
+        # the message itself.
+        pattern = re.compile(
+            r"-+ (\d{4}-\d{2}-\d{2})\s+(\d{2}:\d{2}:\d{2}\.\d+)\s*\n"
+            r"UDP message received \[\d+\] bytes :\s*\n\s*\n" + re.escape(method) + r" sip:",
+        )
+        for m in pattern.finditer(text):
+            local = datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S.%f")
+            times.append(local.astimezone(UTC))
+        return times
+
+
+def caller(
+    workdir: Path,
+    exten: str | int,
+    *,
+    call_ms: int,
+    calls: int = 1,
+    concurrent: int = 1,
+    rate: int = 10,
+    name: str = "caller",
+    timeout_s: int = 120,
+    extra: Sequence[str] = (),
+) -> Phone:
+    """The customer: dials ``exten``, talks ``call_ms`` after the answer, then hangs up (or takes a BYE)."""
+    port = free_udp_port(15000, 15999)
+    return Phone(
+        workdir,
+        name,
+        [
+            ASTERISK_SIP,
+            "-sf",
+            "uac.xml",
+            "-s",
+            str(exten),
+            "-set",
+            "call_ms",
+            str(call_ms),
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-mi",
+            "127.0.0.1",
+            "-mp",
+            str(rtp_base()),
+            "-m",
+            str(calls),
+            "-l",
+            str(concurrent),
+            "-r",
+            str(rate),
+            "-timeout",
+            f"{timeout_s}s",
+            "-timeout_error",
+            *extra,
+        ],
+    )
+
+
+def answering(
+    workdir: Path,
+    port: int,
+    *,
+    ring_ms: int = 300,
+    hold_ms: int = 0,
+    calls: int = 1,
+    name: str = "agent",
+    scenario: str = "uas.xml",
+    extra: Sequence[str] = (),
+) -> Phone:
+    """An agent/supervisor phone on ``port``: rings ``ring_ms``, answers, hangs up after ``hold_ms`` (0 = waits)."""
+    args = ["-sf", scenario, "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1", "-mp", str(rtp_base())]
+    if scenario == "uas.xml":
+        args += ["-set", "ring_ms", str(ring_ms), "-set", "hold_ms", str(hold_ms)]
+    args += ["-m", str(calls), *extra]
+    return Phone(workdir, name, args)

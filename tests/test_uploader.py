@@ -1,0 +1,613 @@
+"""The upload queue's logic: decisions (pure) and whole runs against the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from uploader_helpers import (
+    STARTED,
+    metadata,
+    put_recording,
+    run_until_empty,
+    spool_config,
+    spool_names,
+    wav_bytes,
+)
+
+from kasuhara_ari.events import MemoryEvents
+from kasuhara_ari.storage import (
+    DeletionGuard,
+    HoldRecord,
+    MemoryStore,
+    ObjectRef,
+    recording_keys,
+)
+from kasuhara_ari.uploader import (
+    Action,
+    AudioMode,
+    FileStat,
+    InvalidMetadata,
+    LocalState,
+    Spool,
+    Timing,
+    Uploader,
+    backoff_delay,
+    decide,
+    final_metadata,
+    spool_status,
+    write_file_atomic,
+)
+
+NOW = 1_000_000.0
+T = Timing(incomplete_after_s=120, orphan_after_s=3600)
+META: dict[str, Any] = {"audio": {"expected": True}}
+
+
+def f(age: float, size: int = 100) -> FileStat:
+    return FileStat(size, NOW - age)
+
+
+# ---------------------------------------------------------------------------------------------- decide
+
+
+@pytest.mark.parametrize(
+    ("state", "meta", "action", "audio"),
+    [
+        (LocalState("c", wav=f(1), done=f(1), json=f(1)), META, Action.UPLOAD, AudioMode.COMPLETE),
+        (LocalState("c", wav=f(1), json=f(1)), META, Action.WAIT, None),
+        (LocalState("c", wav=f(121), json=f(1)), META, Action.UPLOAD, AudioMode.INCOMPLETE),
+        (LocalState("c", json=f(1)), {"audio": {"expected": False}}, Action.UPLOAD, AudioMode.NOT_RECORDED),
+        # audio present although metadata says none: the file wins
+        (
+            LocalState("c", wav=f(1), done=f(1), json=f(1)),
+            {"audio": {"expected": False}},
+            Action.UPLOAD,
+            AudioMode.COMPLETE,
+        ),
+        (LocalState("c", done=f(1), json=f(1)), META, Action.UPLOAD, AudioMode.ABSENT),
+        (LocalState("c", json=f(1)), META, Action.UPLOAD, AudioMode.ABSENT),
+        (LocalState("c", wav=f(1)), None, Action.WAIT, None),
+        (LocalState("c", wav=f(1), done=f(1)), None, Action.WAIT, None),
+        (LocalState("c", wav=f(3601), done=f(3601)), None, Action.ADOPT_ORPHAN, None),
+        (LocalState("c", wav=f(3601)), None, Action.ADOPT_ORPHAN, None),
+        (LocalState("c", hold=f(1)), None, Action.APPLY_HOLD, None),
+        (LocalState("c", done=f(1)), None, Action.WAIT, None),
+        (LocalState("c", done=f(3601)), None, Action.DROP_STRAY_DONE, None),
+        (LocalState("c", wav=f(1), done=f(1), json=f(1)), InvalidMetadata("bad"), Action.INVALID, None),
+    ],
+)
+def test_decide(state: LocalState, meta: Any, action: Action, audio: AudioMode | None) -> None:
+    d = decide(state, meta, NOW, T)
+    assert d.action is action, d
+    assert d.audio is audio
+
+
+def test_decide_absent_audio_is_final_only_after_grace() -> None:
+    assert not decide(LocalState("c", json=f(10)), META, NOW, T).final
+    assert decide(LocalState("c", json=f(200)), META, NOW, T).final
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    delays = [backoff_delay(n, base_s=1, cap_s=60, jitter=0) for n in range(1, 10)]
+    assert delays[:4] == [1, 2, 4, 8]
+    assert max(delays) == 60
+    assert all(48 <= backoff_delay(20, base_s=1, cap_s=60) <= 72 for _ in range(50))
+
+
+def test_final_metadata_fills_audio_and_cleans_caller() -> None:
+    keys = recording_keys("c1", STARTED)
+    doc = metadata("c1", caller={"number": "03\n1234", "name": "x\x00" * 5000}, extra_field=1)
+    from kasuhara_ari.uploader import AudioResult
+
+    out = final_metadata(doc, keys, AudioResult("stored", keys.audio, 10, "a" * 64), None)
+    assert out["audio"] == {
+        "format": "wav",
+        "expected": True,
+        "key": keys.audio,
+        "bytes": 10,
+        "sha256": "a" * 64,
+        "status": "stored",
+        "incomplete": False,
+    }
+    assert out["caller"]["number"] == "03\\x0a1234"
+    assert len(out["caller"]["name"]) <= 256 and "\x00" not in out["caller"]["name"]
+    assert out["extra_field"] == 1
+    assert doc["caller"]["number"] == "03\n1234", "input not modified"
+
+
+# ---------------------------------------------------------------------------------------------- spool
+
+
+def test_scan_ignores_unsafe_and_temporary_names(tmp_path: Path) -> None:
+    for name in [
+        "ok.wav",
+        "ok.done",
+        "ok.json",
+        ".ok.json.1234.tmp",
+        "a b.wav",
+        "..json",
+        ".x.wav",
+        "weird.mp3",
+        "x" * 129 + ".wav",
+        "in;jection.json",
+    ]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "dir.wav").mkdir()
+    os.symlink("/etc/passwd", tmp_path / "link.wav")
+    states = Spool(tmp_path).scan()
+    assert set(states) == {"ok"}
+    assert states["ok"].wav and states["ok"].done and states["ok"].json and not states["ok"].hold
+
+
+def test_hold_markers_live_in_the_queue_dir(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", tmp_path / "queue")
+    (tmp_path / "spool").mkdir()
+    rec = HoldRecord.create("c1", "r", "b", at="2025-01-01T00:00:00.000+00:00", started_at=STARTED)
+    assert spool.write_hold(rec) == rec
+    second = HoldRecord.create("c1", "other", "b", at="2025-01-01T00:00:01.000+00:00", started_at=STARTED)
+    assert spool.write_hold(second) == rec, "the first hold wins"
+    assert (tmp_path / "queue" / "c1.hold").exists()
+    (tmp_path / "spool" / "c2.hold").write_bytes(b"{}")  # not where markers live: ignored
+    assert set(spool.scan()) == {"c1"}
+    assert spool.remove_hold("c1", second) is False
+    assert spool.remove_hold("c1", rec) is True
+    assert spool.scan() == {}
+
+
+def test_write_file_atomic_no_clobber(tmp_path: Path) -> None:
+    p = tmp_path / "m.json"
+    assert write_file_atomic(p, b"one", replace=False)
+    assert not write_file_atomic(p, b"two", replace=False)
+    assert p.read_bytes() == b"one"
+    assert write_file_atomic(p, b"three")
+    assert p.read_bytes() == b"three"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_read_metadata_rejects_mismatched_or_naive(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    (tmp_path / "c1.json").write_text(json.dumps(metadata("other")))
+    with pytest.raises(InvalidMetadata, match="call_id"):
+        spool.read_metadata("c1")
+    (tmp_path / "c1.json").write_text(json.dumps(metadata("c1", started_at="2025-01-01T00:00:00")))
+    with pytest.raises(InvalidMetadata, match="offset"):
+        spool.read_metadata("c1")
+    (tmp_path / "c1.json").write_text("{not json")
+    with pytest.raises(InvalidMetadata, match="not JSON"):
+        spool.read_metadata("c1")
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def make_uploader(
+    tmp_path: Path, store: MemoryStore, events: MemoryEvents | None = None, **options: Any
+) -> Uploader:
+    options.setdefault("poll_interval_s", 0.05)
+    options.setdefault("backoff_base_s", 0.02)
+    options.setdefault("backoff_cap_s", 0.2)
+    options.setdefault("timing", Timing(incomplete_after_s=0.5, orphan_after_s=2.0))
+    return Uploader(spool_config(tmp_path), store, events or MemoryEvents(), **options)
+
+
+def stored_metadata(store: MemoryStore, key: str) -> dict[str, Any]:
+    versions = store.objects[key]
+    data = versions[-1].data
+    assert data is not None
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+async def test_upload_complete_recording(tmp_path: Path) -> None:
+    store, events = MemoryStore(), MemoryEvents()
+    audio = wav_bytes(50_000)
+    put_recording(tmp_path, "call-1", audio=audio)
+    await run_until_empty(make_uploader(tmp_path, store, events))
+    keys = recording_keys("call-1", STARTED)
+    assert keys.audio == "recordings/2025/01/01/call-1.wav"
+    sha = hashlib.sha256(audio).hexdigest()
+    assert store.objects[keys.audio][-1].data == audio
+    assert store.objects[keys.audio][-1].metadata["sha256"] == sha
+    assert store.objects[keys.audio][-1].content_type == "audio/wav"
+    meta = stored_metadata(store, keys.metadata)
+    assert meta["audio"]["key"] == keys.audio
+    assert meta["audio"]["bytes"] == len(audio)
+    assert meta["audio"]["sha256"] == sha
+    assert meta["audio"]["incomplete"] is False
+    assert meta["caller"]["name"] == "山田 太郎"
+    assert store.version_count(keys.audio) == 1
+    assert store.version_count(keys.metadata) == 1
+    assert sorted(store.objects) == sorted([keys.audio, keys.metadata])
+    # audio first, metadata last: the metadata object marks the recording complete
+    puts = [k for op, k in store.calls if op.startswith("put")]
+    assert puts == [keys.audio, keys.metadata]
+    assert spool_names(tmp_path) == []
+    [ev] = events.of("call-1")
+    assert ev["event"] == "recording_stored"
+    assert (ev["key"], ev["bytes"], ev["sha256"]) == (keys.audio, len(audio), sha)
+
+
+async def test_zero_length_and_unrecorded_audio_still_produce_metadata(tmp_path: Path) -> None:
+    store, events = MemoryStore(), MemoryEvents()
+    put_recording(tmp_path, "empty", audio=b"")
+    put_recording(
+        tmp_path,
+        "none",
+        audio=None,
+        done=False,
+        meta=metadata("none", audio={"format": "wav", "expected": False}),
+    )
+    put_recording(tmp_path, "missing", audio=None, done=True)
+    await run_until_empty(make_uploader(tmp_path, store, events))
+    for cid, status in (("empty", "empty"), ("none", "not_recorded"), ("missing", "missing")):
+        keys = recording_keys(cid, STARTED)
+        assert keys.audio not in store.objects
+        meta = stored_metadata(store, keys.metadata)
+        assert meta["audio"]["status"] == status
+        assert meta["audio"]["key"] is None
+        assert meta["audio"]["sha256"] is None
+        [ev] = events.of(cid)
+        assert ev["key"] == keys.metadata and "sha256" not in ev
+    assert stored_metadata(store, recording_keys("empty", STARTED).metadata)["audio"]["bytes"] == 0
+    assert spool_names(tmp_path) == []
+
+
+async def test_missing_done_uploads_after_grace_marked_incomplete(tmp_path: Path) -> None:
+    store = MemoryStore()
+    put_recording(tmp_path, "crashed", audio=wav_bytes(1000), done=False)
+    uploader = make_uploader(tmp_path, store, timing=Timing(incomplete_after_s=0.6, orphan_after_s=60))
+    task = asyncio.create_task(uploader.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert spool_names(tmp_path) == ["crashed.json", "crashed.wav"], "waits for .done first"
+        await asyncio.wait_for(uploader.wait_empty(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    meta = stored_metadata(store, recording_keys("crashed", STARTED).metadata)
+    assert meta["audio"]["incomplete"] is True
+    assert meta["audio"]["status"] == "incomplete"
+    assert meta["audio"]["bytes"] == len(wav_bytes(1000))
+
+
+async def test_outage_keeps_files_and_retries_until_stored_once(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.down = True
+    for i in range(5):
+        put_recording(tmp_path, f"c{i}", audio=wav_bytes(2000, seed=i))
+    uploader = make_uploader(tmp_path, store)
+    task = asyncio.create_task(uploader.run())
+    try:
+        await asyncio.sleep(0.8)
+        assert len(spool_names(tmp_path)) == 15, "nothing removed while S3 is down"
+        assert uploader.stats.failures >= 5
+        store.down = False
+        await asyncio.wait_for(uploader.wait_empty(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for i in range(5):
+        keys = recording_keys(f"c{i}", STARTED)
+        assert store.version_count(keys.audio) == 1
+        assert store.version_count(keys.metadata) == 1
+
+
+class CrashingSpool(Spool):
+    """Dies (once) after ``after`` files of the real removal sequence, like a kill -9 right there."""
+
+    def __init__(self, directory: Path, after: int) -> None:
+        super().__init__(directory)
+        self.after = after
+        self.crashed = False
+
+    def remove_recording(self, call_id: str) -> None:
+        if self.crashed:
+            return super().remove_recording(call_id)
+        self.crashed = True
+        real_unlink = Path.unlink
+        done = 0
+
+        def unlink(path: Path, missing_ok: bool = False) -> None:
+            nonlocal done
+            if done == self.after:
+                raise OSError("simulated crash while removing local files")
+            done += 1
+            real_unlink(path, missing_ok=missing_ok)
+
+        with mock.patch.object(Path, "unlink", unlink):
+            super().remove_recording(call_id)
+        raise OSError("simulated crash after removing local files")
+
+
+@pytest.mark.parametrize("removed_before_crash", [0, 1, 2, 3])
+async def test_rerun_after_crash_adds_no_second_version(tmp_path: Path, removed_before_crash: int) -> None:
+    store = MemoryStore()
+    audio = wav_bytes(3000)
+    put_recording(tmp_path, "c1", audio=audio)
+    spool = CrashingSpool(tmp_path, removed_before_crash)
+    await run_until_empty(make_uploader(tmp_path, store, spool=spool))
+    assert spool.crashed
+    keys = recording_keys("c1", STARTED)
+    assert sorted(store.objects) == sorted([keys.audio, keys.metadata]), "no orphan re-upload"
+    assert store.version_count(keys.audio) == 1
+    assert store.version_count(keys.metadata) == 1
+    meta = stored_metadata(store, keys.metadata)
+    assert meta["audio"]["sha256"] == hashlib.sha256(audio).hexdigest()
+    assert meta["audio"]["status"] == "stored"
+
+
+async def test_lost_put_answer_is_not_uploaded_twice(tmp_path: Path) -> None:
+    """The server stored the object but the answer never came back: the retry must see it, not re-put."""
+    store = MemoryStore()
+    original = store.put_file
+    lost = {"n": 0}
+
+    async def put_then_lose_answer(*args: Any, **kwargs: Any) -> Any:
+        result = await original(*args, **kwargs)
+        if lost["n"] == 0:
+            lost["n"] += 1
+            from kasuhara_ari.storage import StorageUnavailable
+
+            raise StorageUnavailable("connection reset after the body was sent")
+        return result
+
+    store.put_file = put_then_lose_answer  # type: ignore[method-assign]
+    put_recording(tmp_path, "c1", audio=wav_bytes(3000))
+    await run_until_empty(make_uploader(tmp_path, store))
+    assert lost["n"] == 1
+    assert store.version_count(recording_keys("c1", STARTED).audio) == 1
+
+
+async def test_file_changing_during_upload_is_retried(tmp_path: Path) -> None:
+    store = MemoryStore()
+    put_recording(tmp_path, "c1", audio=wav_bytes(3000))
+    original = store.put_file
+    changed = {"n": 0}
+
+    async def change_then_put(key: str, path: Path, **kwargs: Any) -> Any:
+        if changed["n"] == 0:
+            changed["n"] += 1
+            path.write_bytes(wav_bytes(3000, seed=9))  # same size, other content
+        return await original(key, path, **kwargs)
+
+    store.put_file = change_then_put  # type: ignore[method-assign]
+    await run_until_empty(make_uploader(tmp_path, store))
+    keys = recording_keys("c1", STARTED)
+    assert store.version_count(keys.audio) == 1
+    assert store.objects[keys.audio][-1].data == wav_bytes(3000, seed=9)
+    meta = stored_metadata(store, keys.metadata)
+    assert meta["audio"]["sha256"] == hashlib.sha256(wav_bytes(3000, seed=9)).hexdigest()
+
+
+async def test_flag_in_metadata_holds_at_upload(tmp_path: Path) -> None:
+    store = MemoryStore()
+    hold = {"reason": "flagged by agent as harassment", "by": "agent", "at": "2025-01-01T18:05:00.000+00:00"}
+    put_recording(
+        tmp_path, "flagged", audio=wav_bytes(100), meta=metadata("flagged", flags=["harassment"], hold=hold)
+    )
+    put_recording(tmp_path, "plain", audio=wav_bytes(100))
+    await run_until_empty(make_uploader(tmp_path, store))
+    keys = recording_keys("flagged", STARTED)
+    assert store.objects[keys.audio][-1].legal_hold
+    assert store.objects[keys.metadata][-1].legal_hold
+    record = HoldRecord.from_json(store.objects[keys.hold][-1].data or b"")
+    assert (record.reason, record.by) == (hold["reason"], "agent")
+    assert stored_metadata(store, keys.metadata)["hold"] == hold
+    plain = recording_keys("plain", STARTED)
+    assert not store.objects[plain.audio][-1].legal_hold
+    assert plain.hold not in store.objects
+    # the hold record is written before any recording object
+    puts = [k for op, k in store.calls if op.startswith("put")]
+    assert puts.index(keys.hold) < puts.index(keys.audio) < puts.index(keys.metadata)
+    refs = [ObjectRef(o.key, o.version_id) async for o in store.list_prefix("recordings/", versions=True)]
+    outcome = await DeletionGuard(store).delete(refs)
+    assert {r.key for r in outcome.deleted} == {plain.audio, plain.metadata}
+    assert {r.ref.key for r in outcome.refused} == {keys.audio, keys.metadata}
+
+
+async def test_hold_during_call_is_applied_at_upload(tmp_path: Path) -> None:
+    store = MemoryStore()
+    uploader = make_uploader(tmp_path, store)
+    task = asyncio.create_task(uploader.run())
+    try:
+        # The call is still running: only the growing .wav exists.
+        (tmp_path / "live.wav").write_bytes(wav_bytes(500))
+        rec = await uploader.hold("live", "abusive\ncaller", "agent 7", started_at=STARTED)
+        assert rec.reason == "abusive\\x0acaller"
+        assert (tmp_path / "live.hold").exists()
+        await asyncio.sleep(0.3)
+        keys = recording_keys("live", STARTED)
+        assert keys.audio not in store.objects, "nothing uploaded while the call runs"
+        assert keys.hold not in store.objects, "not applied while the recording is still local"
+        put_recording(tmp_path, "live", audio=wav_bytes(900))
+        await uploader.notify("live")
+        await asyncio.wait_for(uploader.wait_empty(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert store.objects[keys.audio][-1].legal_hold
+    assert store.objects[keys.metadata][-1].legal_hold
+    assert HoldRecord.from_json(store.objects[keys.hold][-1].data or b"") == rec
+    assert stored_metadata(store, keys.metadata)["hold"] == rec.as_metadata_hold()
+    assert spool_names(tmp_path) == []
+
+
+async def test_hold_after_upload_and_during_outage(tmp_path: Path) -> None:
+    store = MemoryStore()
+    put_recording(tmp_path, "done1", audio=wav_bytes(100))
+    uploader = make_uploader(tmp_path, store)
+    task = asyncio.create_task(uploader.run())
+    try:
+        await asyncio.wait_for(uploader.wait_empty(), 10)
+        store.down = True
+        await uploader.hold("done1", "complaint", "supervisor", started_at=STARTED)
+        await asyncio.sleep(0.5)
+        assert spool_names(tmp_path) == ["done1.hold"], "the hold waits durably while S3 is down"
+        store.down = False
+        await asyncio.wait_for(uploader.wait_empty(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    keys = recording_keys("done1", STARTED)
+    assert store.objects[keys.audio][-1].legal_hold and store.objects[keys.metadata][-1].legal_hold
+    assert keys.hold in store.objects
+    assert store.version_count(keys.metadata) == 1, "a hold does not rewrite the metadata"
+
+
+async def test_hold_for_unknown_recording_waits_for_its_upload(tmp_path: Path) -> None:
+    store = MemoryStore()
+    uploader = make_uploader(tmp_path, store)
+    task = asyncio.create_task(uploader.run())
+    try:
+        await uploader.hold("later", "r", "agent", started_at=STARTED)
+        await asyncio.sleep(0.4)
+        keys = recording_keys("later", STARTED)
+        assert keys.hold in store.objects, "the record is written at once, so the guard refuses already"
+        assert spool_names(tmp_path) == ["later.hold"]
+        put_recording(
+            tmp_path,
+            "later",
+            audio=None,
+            done=False,
+            meta=metadata("later", audio={"format": "wav", "expected": False}),
+        )
+        await uploader.notify("later")
+        await asyncio.wait_for(uploader.wait_empty(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert store.objects[keys.metadata][-1].legal_hold
+
+
+async def test_hostile_caller_id_never_reaches_keys_or_paths(tmp_path: Path) -> None:
+    store = MemoryStore()
+    spool = tmp_path / "spool"
+    hostile = {
+        "number": "../../../etc/passwd\x00\n",
+        "name": "\x1b[2J" + "../" * 3000 + "\u202e\r\n" + "A" * 10_000,
+    }
+    put_recording(spool, "c1", audio=wav_bytes(100), meta=metadata("c1", caller=hostile))
+    await run_until_empty(make_uploader(spool, store))
+    keys = recording_keys("c1", STARTED)
+    assert sorted(store.objects) == sorted([keys.audio, keys.metadata])
+    caller = stored_metadata(store, keys.metadata)["caller"]
+    assert caller["number"] == "../../../etc/passwd\\x00\\x0a"
+    assert caller["name"].startswith("\\x1b[2J../../")
+    assert len(caller["name"]) <= 256
+    for value in caller.values():
+        assert not any(ord(ch) < 32 for ch in value)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "spool",
+        "spool/.kasuhara-uploader.lock",
+    ]
+
+
+async def test_orphan_audio_is_adopted(tmp_path: Path) -> None:
+    store = MemoryStore()
+    audio = wav_bytes(16000 * 3)  # 3 s at 16000 bytes/s
+    put_recording(tmp_path, "orphan", audio=audio, meta=False, age_s=10)
+    await run_until_empty(make_uploader(tmp_path, store))
+    [meta_key] = [k for k in store.objects if k.endswith(".json")]
+    meta = json.loads(store.objects[meta_key][-1].data or b"")
+    assert meta["orphaned"] is True
+    assert meta["audio"]["bytes"] == len(audio)
+    assert meta["direction"] is None
+    assert store.objects[meta_key][-1].metadata["orphaned"] == "yes"
+
+
+async def test_invalid_metadata_stays_and_is_counted(tmp_path: Path) -> None:
+    store = MemoryStore()
+    put_recording(tmp_path, "bad", audio=wav_bytes(100), meta=metadata("bad", started_at="no time"))
+    put_recording(tmp_path, "good", audio=wav_bytes(100))
+    uploader = make_uploader(tmp_path, store)
+    task = asyncio.create_task(uploader.run())
+    try:
+        for _ in range(100):
+            if not (tmp_path / "good.json").exists():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert spool_names(tmp_path) == ["bad.done", "bad.json", "bad.wav"]
+    status = spool_status(Spool(tmp_path))
+    assert (status.recordings, status.invalid, status.ready) == (1, 1, 0)
+
+
+async def test_notify_ignores_unsafe_ids(tmp_path: Path) -> None:
+    uploader = make_uploader(tmp_path, MemoryStore())
+    await uploader.notify("../../etc")
+    await uploader.notify("ok-1")
+    assert "../../etc" not in uploader._track
+    with pytest.raises(ValueError, match="unsafe"):
+        await uploader.hold("../x", "r", "b", started_at=STARTED)
+
+
+def test_spool_status_counts(tmp_path: Path) -> None:
+    put_recording(tmp_path, "ready", audio=wav_bytes(10))
+    put_recording(tmp_path, "incall", audio=wav_bytes(20), done=False, meta=False)
+    put_recording(tmp_path, "waiting", audio=wav_bytes(30), done=False)
+    put_recording(tmp_path, "orphan", audio=wav_bytes(40), meta=False, age_s=7200)
+    (tmp_path / "held.hold").write_bytes(b"{}")
+    st = spool_status(Spool(tmp_path), now=time.time())
+    assert (st.recordings, st.ready, st.in_call, st.waiting_for_audio, st.orphans, st.pending_holds) == (
+        4,
+        1,
+        1,
+        1,
+        1,
+        1,
+    )
+    assert st.bytes == sum(len(wav_bytes(n)) for n in (10, 20, 30, 40))
+
+
+async def test_second_uploader_on_the_same_queue_waits(tmp_path: Path) -> None:
+    store = MemoryStore()
+    first = make_uploader(tmp_path, store)
+    second = make_uploader(tmp_path, store)
+    t1 = asyncio.create_task(first.run())
+    await asyncio.sleep(0.1)
+    t2 = asyncio.create_task(second.run())
+    try:
+        put_recording(tmp_path, "c1", audio=wav_bytes(100))
+        await asyncio.wait_for(first.wait_empty(), 10)
+        assert first.stats.stored == 1
+        assert second.stats.stored == 0
+        t1.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await t1
+        put_recording(tmp_path, "c2", audio=wav_bytes(100))
+        await asyncio.wait_for(second.wait_empty(), 10)
+        assert second.stats.stored == 1, "takes over once the first one is gone"
+    finally:
+        for t in (t1, t2):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+def test_events_match_the_event_schema(tmp_path: Path) -> None:
+    from kasuhara_ari.schemas import validate_event
+
+    store, events = MemoryStore(), MemoryEvents()
+    put_recording(tmp_path, "c1", audio=wav_bytes(100))
+    put_recording(tmp_path, "c2", audio=b"")
+    asyncio.run(run_until_empty(make_uploader(tmp_path, store, events)))
+    assert len(events.events) == 2
+    for ev in events.events:
+        validate_event({"schema": "kasuhara.event/1", **ev})
