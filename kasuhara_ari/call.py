@@ -24,6 +24,7 @@ from .ari import AriError, Channel, ChannelGone
 from .config import Config
 from .events import EventSink, now_iso
 from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
+from .safe import clean_caller_name, clean_caller_number
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,23 @@ class CallDeps:
     on_metadata: Callable[[str], Awaitable[None]] | None = None
     #: Registers a channel id as belonging to this call before it exists (so no event is missed).
     claim_channel: Callable[[str, Call], None] | None = None
+    #: Puts the call's recording on evidence hold durably (call_id, reason, by, started_at).
+    hold: Callable[[str, str, str, str], Awaitable[Any]] | None = None
+
+
+#: Q.850 causes of a dialled leg that did not answer, as the metadata names them.
+_NO_ANSWER_CAUSES = frozenset({18, 19})  # no user responding, no answer
+_BUSY_CAUSES = frozenset({17})  # user busy
+_FINAL_DIAL_STATUSES = frozenset({"BUSY", "NOANSWER", "CHANUNAVAIL", "CONGESTION", "CANCEL"})
+
+
+def _unreachable_reason(dialstatus: str, cause: int) -> str:
+    """Why a dialled agent did not come: the Dial status when Asterisk gave one, else the hangup cause."""
+    if dialstatus == "NOANSWER" or (not dialstatus and cause in _NO_ANSWER_CAUSES):
+        return "agent_no_answer"
+    if dialstatus == "BUSY" or (not dialstatus and cause in _BUSY_CAUSES):
+        return "agent_busy"
+    return "agent_unavailable"
 
 
 def _iso(ts: float) -> str:
@@ -107,8 +125,8 @@ class Call:
         self.record = CallRecord(
             call_id=call_id,
             direction=direction,
-            caller_number=caller.caller_number,
-            caller_name=caller.caller_name,
+            caller_number=clean_caller_number(caller.caller_number) or "",
+            caller_name=clean_caller_name(caller.caller_name) or "",
             target=target,
             started_at=now_iso(),
         )
@@ -116,6 +134,9 @@ class Call:
         self._paths: SpoolPaths | None = None
         # Facts absorbed from events.
         self._gone: dict[str, str] = {}  # channel id -> why
+        self._causes: dict[str, int] = {}  # channel id -> Q.850 hangup cause
+        self._destroyed: set[str] = set()
+        self._dialstatus: dict[str, str] = {}  # dialled channel id -> last Dial status (BUSY, NOANSWER...)
         self._up: set[str] = set()
         self._playbacks: dict[str, str] = {}
         self._digits = esc.KeySequenceCollector(
@@ -153,7 +174,20 @@ class Call:
     def _absorb(self, event: Event) -> None:
         kind = event.get("type", "")
         chan = (event.get("channel") or {}).get("id", "")
-        if kind in ("ChannelDestroyed", "StasisEnd"):
+        if kind in ("ChannelHangupRequest", "ChannelDestroyed", "StasisEnd"):
+            # A hangup request comes first (before the PlaybackFinished of an interrupted prompt): from
+            # then on the channel counts as gone. The cause of the destruction is kept when it comes.
+            if kind == "ChannelDestroyed":
+                self._destroyed.add(chan)
+            if "cause" in event and (kind == "ChannelDestroyed" or chan not in self._causes):
+                self._causes[chan] = int(event.get("cause") or 0)
+                log.debug(
+                    "call event=cause call_id=%s channel=%s via=%s cause=%s",
+                    self.call_id,
+                    chan,
+                    kind,
+                    event.get("cause"),
+                )
             if chan and chan not in self._gone:
                 cause = event.get("cause_txt") or ("left the app" if kind == "StasisEnd" else "hung up")
                 self._gone[chan] = str(cause)
@@ -171,18 +205,27 @@ class Call:
                     self._pending_actions.append(action)
             # The caller's digits never trigger anything (and are not logged: they may be card numbers).
         elif kind == "Dial":
+            log.debug(
+                "call event=dial call_id=%s peer=%s status=%s",
+                self.call_id,
+                (event.get("peer") or {}).get("id"),
+                event.get("dialstatus"),
+            )
             peer = (event.get("peer") or {}).get("id", "")
             status = event.get("dialstatus", "")
             if peer and status == "ANSWER":
                 self._up.add(peer)
+            elif peer and status in _FINAL_DIAL_STATUSES:
+                self._dialstatus[peer] = str(status)
         self.escalation.absorb(kind, chan, event)
 
     def _on_channel_gone(self, channel_id: str, event: Event) -> None:
         log.info(
-            "call event=channel_gone call_id=%s channel=%s cause=%s",
+            "call event=channel_gone call_id=%s channel=%s cause=%s via=%s",
             self.call_id,
             channel_id,
             event.get("cause", ""),
+            event.get("type", ""),
         )
 
     def take_agent_action(self) -> tuple[str, str] | None:
@@ -314,7 +357,13 @@ class Call:
                 self.record.end_reason = "caller_hungup_while_ringing"
                 return False
             if self.channel_gone(agent_id):
-                self.record.end_reason = "agent_unavailable"
+                # Give the destruction event (with its cause) a moment to follow the hangup request.
+                deadline_gone = time.monotonic() + 1.0
+                while agent_id not in self._destroyed and time.monotonic() < deadline_gone:
+                    await self.next_event(timeout=0.2)
+                self.record.end_reason = _unreachable_reason(
+                    self._dialstatus.get(agent_id, ""), self._causes.get(agent_id, 0)
+                )
                 self.record.agent = None
                 return False
             if time.monotonic() > deadline:

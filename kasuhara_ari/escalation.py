@@ -93,7 +93,7 @@ class EscalationRunner:
                 return False
             return await self._supervisor(key)
         if action == "flag":
-            return self._flag(key)
+            return await self._flag(key)
         if action == "warn":
             return await self._warn(key, hang_up=False)
         if action == "warn_and_hangup":
@@ -101,13 +101,24 @@ class EscalationRunner:
         log.warning("escalation event=unknown_action call_id=%s action=%s", call.call_id, action)
         return False
 
-    def _flag(self, key: str) -> bool:
+    async def _flag(self, key: str) -> bool:
+        """Evidence: the flag goes into the metadata, and a durable hold request is written at once so
+        that even a crash before the end of the call cannot lose it."""
         call = self.call
         at = now_iso()
+        reason = "flagged by agent as harassment"
         if "harassment" not in call.record.flags:
             call.record.flags.append("harassment")
-        call.record.hold = {"reason": "flagged by agent as harassment", "by": "agent", "at": at}
-        call.add_escalation(Escalation(at=at, action="flag", key=key, by="agent", result="flagged"))
+        if call.record.hold is None:
+            call.record.hold = {"reason": reason, "by": "agent", "at": at}
+        result = "flagged"
+        if call.deps.hold is not None:
+            try:
+                await call.deps.hold(call.call_id, reason, "agent", call.record.started_at)
+            except Exception as exc:
+                log.error("escalation event=hold_request_failed call_id=%s error=%s", call.call_id, exc)
+                result = "flagged (hold pending upload)"
+        call.add_escalation(Escalation(at=at, action="flag", key=key, by="agent", result=result))
         call.emit("flagged", key=key, by="agent", reason="harassment")
         return False
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .safe import safe_call_id
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "kasuhara.recording/1"
-CALL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Channel variable into which MixMonitor stores its id (``i()`` option): proof that it started.
 MIXMONITOR_ID_VAR = "KASUHARA_MIXMON_ID"
 
@@ -32,9 +32,7 @@ class RecordingError(Exception):
 
 def check_call_id(call_id: str) -> str:
     """Return ``call_id`` if it is safe in a path, key, shell command and MQTT topic; raise otherwise."""
-    if not CALL_ID_RE.fullmatch(call_id) or ".." in call_id:
-        raise ValueError(f"unsafe call id {call_id[:40]!r}")
-    return call_id
+    return safe_call_id(call_id)
 
 
 @dataclass(frozen=True)

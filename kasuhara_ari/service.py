@@ -14,6 +14,7 @@ from .config import Config
 from .events import EventSink, MqttEvents, NullEvents
 from .recording import Recorder
 from .stasis import StasisApp
+from .uploader import Uploader, build_uploader
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,19 @@ class Service:
         self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._closers: list[Callable[[], Awaitable[Any]]] = []
         self.events: EventSink = events if events is not None else self._default_events()
-        notify = on_metadata if on_metadata is not None else self._default_uploader()
-        self.app = StasisApp(cfg, self.ari, self.recorder, self.events, on_metadata=notify)
+        self.uploader: Uploader | None = None
+        notify = on_metadata
+        hold = None
+        if on_metadata is None and cfg.storage.enabled:
+            self.uploader = build_uploader(cfg, self.events)
+            self._runners.append(self.uploader.run)
+            notify = self.uploader.notify
+            uploader = self.uploader
+
+            async def hold(call_id: str, reason: str, by: str, started_at: str) -> object:
+                return await uploader.hold(call_id, reason, by, started_at=started_at)
+
+        self.app = StasisApp(cfg, self.ari, self.recorder, self.events, on_metadata=notify, hold=hold)
 
     def _default_events(self) -> EventSink:
         if not self.cfg.mqtt.enabled:
@@ -58,17 +70,6 @@ class Service:
         self._runners.append(publisher.run)
         self._closers.append(lambda: publisher.close(timeout=3))
         return publisher
-
-    def _default_uploader(self) -> Callable[[str], Awaitable[None]] | None:
-        if not self.cfg.storage.enabled:
-            return None
-        try:
-            from .uploader import build_uploader  # type: ignore[attr-defined,import-not-found,unused-ignore]
-        except ImportError:
-            return None
-        uploader = build_uploader(self.cfg, self.events)
-        self._runners.append(uploader.run)
-        return uploader.notify  # type: ignore[no-any-return,unused-ignore]
 
     async def _watch_ami(self) -> None:
         """Log AMI's state changes so an operator sees why recordings would fail."""

@@ -34,6 +34,7 @@ class StasisApp:
         events: EventSink,
         *,
         on_metadata: Callable[[str], Awaitable[None]] | None = None,
+        hold: Callable[[str, str, str, str], Awaitable[Any]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.ari = ari
@@ -49,6 +50,7 @@ class StasisApp:
             events=events,
             on_metadata=on_metadata,
             claim_channel=self._claim,
+            hold=hold,
         )
         self._tasks: asyncio.TaskGroup | None = None
         self.connected = asyncio.Event()

@@ -7,12 +7,14 @@ must never pass by skipping the real thing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,30 +108,37 @@ def unique() -> str:
 
 
 @pytest.fixture
-async def running_service(call_cfg: Config) -> AsyncIterator[object]:
-    """The call service in this test's event loop, with events kept in memory."""
+async def service_factory() -> AsyncIterator[Callable[[Config], Awaitable[Any]]]:
+    """Starts the call service in this test's event loop (events kept in memory); stops it afterwards."""
     from kasuhara_ari.events import MemoryEvents
     from kasuhara_ari.service import Service
 
-    events = MemoryEvents()
-    service = Service(call_cfg, events=events)
-    task = asyncio.create_task(service.run())
-    try:
+    started: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start(cfg: Config) -> Any:
+        events = MemoryEvents()
+        service = Service(cfg, events=events)
+        task = asyncio.create_task(service.run())
+        started.append((service, task))
         await asyncio.wait_for(service.app.connected.wait(), 10)
-        # Let the resync after connecting finish before calls arrive.
-        await asyncio.sleep(0.2)
-        service.memory_events = events  # type: ignore[attr-defined]
-        yield service
-    finally:
+        await asyncio.sleep(0.2)  # let the resync after connecting finish before calls arrive
+        service.memory_events = events
+        return service
+
+    yield start
+    for _, task in started:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-            pass
 
 
 @pytest.fixture
-def sip_workdir(tmp_path: Path) -> Iterator[Path]:
+async def running_service(service_factory: Callable[[Config], Awaitable[Any]], call_cfg: Config) -> Any:
+    return await service_factory(call_cfg)
+
+
+@pytest.fixture
+def sip_workdir(tmp_path: Path) -> Path:
     work = tmp_path / "sipp"
     work.mkdir()
-    yield work
+    return work

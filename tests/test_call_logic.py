@@ -175,7 +175,7 @@ async def test_agent_busy_plays_apology_and_closes(tmp_path: Path) -> None:
     meta, events = await run_call(tmp_path, ari)
     plays = [arg[1] for op, arg in ari.ops if op == "play"]
     assert plays == ["sound:kasuhara/recording-notice", "sound:kasuhara/agent-unavailable"]
-    assert meta["end_reason"] == "agent_unavailable"
+    assert meta["end_reason"] == "agent_busy"
     assert meta["agent"] is None
     assert "agent_unavailable" in [e["event"] for e in events.events]
     assert ("hangup", "c1") in ari.ops

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
 from audio import contains_at_start, duration_s, header_is_final
-from kasuhara_ari.config import Config
 from sip import agent_port, answering, caller
+
+from kasuhara_ari.config import Config
 
 pytestmark = pytest.mark.integration
 
@@ -37,11 +39,21 @@ def at(service: Any, call_id: str, name: str) -> datetime:
     raise AssertionError(f"no {name} event for {call_id}: {event_names(service, call_id)}")
 
 
-async def wait_for_calls(service: Any, count: int, timeout: float = 30) -> list[str]:
-    """Call ids of the first ``count`` calls that ended."""
+async def wait_for_calls(service: Any, count: int, port: int, timeout: float = 30) -> list[str]:
+    """Call ids of the first ``count`` calls to the agent on ``port`` that ended (other calls that reach
+    the shared Asterisk meanwhile are not this test's business)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ended = [e["call_id"] for e in service.memory_events.events if e["event"] == "ended"]
+        ours = {
+            e["call_id"]
+            for e in service.memory_events.events
+            if e["event"] == "started" and e.get("target", "").endswith(f"@127.0.0.1:{port}")
+        }
+        ended = [
+            e["call_id"]
+            for e in service.memory_events.events
+            if e["event"] == "ended" and e["call_id"] in ours
+        ]
         if len(ended) >= count:
             return ended
         await asyncio.sleep(0.1)
@@ -92,7 +104,7 @@ async def test_call_is_announced_recorded_and_bridged(
         await phone.stop()
         await agent.stop()
 
-    (call_id,) = await wait_for_calls(running_service, 1)
+    (call_id,) = await wait_for_calls(running_service, 1, port)
     names = event_names(running_service, call_id)
     assert names == [
         "started",
@@ -125,3 +137,149 @@ async def test_call_is_announced_recorded_and_bridged(
     assert score > 0.6, (score, offset)
     assert score > control + 0.3, (score, control)
     assert offset < 1.0
+
+
+def fast_dial(cfg: Config, seconds: int = 4) -> Config:
+    return replace(cfg, routing=replace(cfg.routing, dial_timeout_s=seconds))
+
+
+@pytest.mark.parametrize(
+    ("scenario", "reason"), [("uas_noanswer.xml", "agent_no_answer"), ("uas_busy.xml", "agent_busy")]
+)
+async def test_agent_unreachable_caller_hears_apology(
+    service_factory: Any, call_cfg: Config, sip_workdir: Path, scenario: str, reason: str
+) -> None:
+    service = await service_factory(fast_dial(call_cfg))
+    port = agent_port()
+    agent = await answering(sip_workdir, port, scenario=scenario).start()
+    # The caller would talk for a minute: the call must end from our side (BYE after the apology).
+    phone = await caller(sip_workdir, port, call_ms=60000).start()
+    try:
+        assert await phone.wait(40) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    (call_id,) = await wait_for_calls(service, 1, port)
+    names = event_names(service, call_id)
+    assert names[-2:] == ["agent_unavailable", "ended"], names
+    assert "agent_answered" not in names
+    assert phone.received("BYE"), "the caller was not hung up by the app"
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    assert meta["end_reason"] == reason
+    assert meta["agent"] is None
+    audio = call_cfg.recording.host_dir / f"{call_id}.wav"
+    assert header_is_final(audio)
+    # The recording holds the notice and then the apology.
+    apology = NOTICE_JA.with_name("agent-unavailable.wav")
+    assert duration_s(audio) > duration_s(NOTICE_JA) + duration_s(apology) - 0.5
+
+
+async def test_caller_hangs_up_during_notice_no_agent_rung(
+    running_service: Any, call_cfg: Config, sip_workdir: Path
+) -> None:
+    port = agent_port()
+    agent = await answering(sip_workdir, port).start()
+    phone = await caller(sip_workdir, port, call_ms=2000).start()  # the notice lasts ~5.5 s
+    try:
+        assert await phone.wait(30) == 0, phone.error_text()
+        (call_id,) = await wait_for_calls(running_service, 1, port)
+        await asyncio.sleep(1.0)  # an INVITE sent by mistake would have arrived by now
+        assert agent.received("INVITE") == []
+    finally:
+        await phone.stop()
+        await agent.stop()
+    names = event_names(running_service, call_id)
+    assert "agent_ringing" not in names and "notice_played" not in names, names
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    assert meta["end_reason"] == "caller_hungup_during_notice"
+    assert meta["notice_played"] is False
+    audio = call_cfg.recording.host_dir / f"{call_id}.wav"
+    assert header_is_final(audio)
+    assert abs(duration_s(audio) - 2.0) < 1.0
+
+
+async def test_agent_hangs_up_first(running_service: Any, call_cfg: Config, sip_workdir: Path) -> None:
+    port = agent_port()
+    agent = await answering(sip_workdir, port, hold_ms=3000).start()
+    phone = await caller(sip_workdir, port, call_ms=60000).start()
+    try:
+        assert await phone.wait(40) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    (call_id,) = await wait_for_calls(running_service, 1, port)
+    assert phone.received("BYE"), "the caller was left alone on the line"
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    assert meta["end_reason"] == "agent_hungup"
+    audio = call_cfg.recording.host_dir / f"{call_id}.wav"
+    assert header_is_final(audio)
+    # notice (~5.5 s) + ringing (0.3 s) + 3 s talk
+    expected = duration_s(NOTICE_JA) + 3.3
+    assert abs(duration_s(audio) - expected) < 1.5, (duration_s(audio), expected)
+    assert abs(duration_s(audio) - meta["duration_s"]) < 1.0
+
+
+async def test_twenty_concurrent_calls(running_service: Any, call_cfg: Config, sip_workdir: Path) -> None:
+    port = agent_port()
+    agent = await answering(sip_workdir, port, calls=20).start()
+    phone = await caller(sip_workdir, port, call_ms=8000, calls=20, concurrent=20, rate=20).start()
+    try:
+        assert await phone.wait(90) == 0, phone.error_text()
+        assert await agent.wait(20) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    call_ids = await wait_for_calls(running_service, 20, port)
+    assert len(set(call_ids)) == 20
+    for call_id in call_ids:
+        meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+        assert meta["end_reason"] == "caller_hungup", (call_id, meta["end_reason"])
+        assert meta["notice_played"] is True
+        audio = call_cfg.recording.host_dir / f"{call_id}.wav"
+        assert header_is_final(audio)
+        assert abs(duration_s(audio) - 8.0) < 1.0, (call_id, duration_s(audio))
+    assert not [c for c in running_service.app.calls.values() if c.target.endswith(f":{port}")]
+
+
+def kill_tcp(local_port: int) -> None:
+    """Kill one TCP connection from outside the process, as a network fault would (``ss -K``)."""
+    result = subprocess.run(
+        ["ss", "-K", "src", "127.0.0.1", "sport", "=", str(local_port)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_websocket_killed_mid_call_reconnects_and_tears_down(
+    running_service: Any, call_cfg: Config, sip_workdir: Path
+) -> None:
+    port = agent_port()
+    agent = await answering(sip_workdir, port).start()
+    phone = await caller(sip_workdir, port, call_ms=12000).start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "agent_answered" not in [
+            e["event"] for e in running_service.memory_events.events
+        ]:
+            await asyncio.sleep(0.1)
+        ws = running_service.ari._ws
+        assert ws is not None
+        kill_tcp(ws.local_address[1])
+        deadline = time.monotonic() + 10
+        while running_service.ari.reconnects < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert running_service.ari.reconnects >= 1
+        assert await phone.wait(40) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    (call_id,) = await wait_for_calls(running_service, 1, port)
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    assert meta["end_reason"] == "caller_hungup"
+    assert agent.received("BYE"), "the agent was left on the line"
+    assert (await ari_get(call_cfg, f"/bridges/kasuhara-{call_id}")).status_code == 404
