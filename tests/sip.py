@@ -183,7 +183,7 @@ def answering(
     scenario: str = "uas.xml",
     extra: Sequence[str] = (),
 ) -> Phone:
-    """An agent/supervisor phone on ``port``: rings ``ring_ms``, answers, hangs up after ``hold_ms`` (0 = waits)."""
+    """An agent or supervisor phone on ``port``: rings, answers, hangs up after ``hold_ms`` (0 = waits)."""
     args = ["-sf", scenario, "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1", "-mp", str(rtp_base())]
     if scenario == "uas.xml":
         args += ["-set", "ring_ms", str(ring_ms), "-set", "hold_ms", str(hold_ms)]

@@ -23,6 +23,9 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
     )
+    # One line per HTTP request would drown the call log (and ARI URLs carry query strings).
+    for noisy in ("httpx", "httpcore", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # Each command group lives in its own module; a module that is not there yet is simply not offered.
