@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dtmf_pcap import write_digit
+
 SIPP_DIR = Path(__file__).resolve().parent / "sipp"
 ASTERISK_SIP = "127.0.0.1:5060"
 _used_ports: set[int] = set()
@@ -172,6 +174,28 @@ def caller(
     )
 
 
+def dtmf_scenario(base: str, presses: Sequence[tuple[int, str]], pcap_dir: Path) -> str:
+    """``uas.xml`` with RFC 2833 key presses after the answer: [(wait_ms, digits), ...].
+
+    Each digit gets its own pcap with fresh RTP timestamps (see dtmf_pcap.py); the phone's audio stream
+    pauses while digits play (mixing both made Asterisk see each digit ~8 times).
+    """
+    steps = []
+    index = 0
+    for wait_ms, digits in presses:
+        steps.append(f'  <pause milliseconds="{int(wait_ms)}" />')
+        steps.append('  <nop><action><exec rtp_stream="pause" /></action></nop>')
+        for digit in digits:
+            pcap = write_digit(pcap_dir / f"dtmf-{index}.pcap", digit, index=index)
+            index += 1
+            steps.append(f'  <nop><action><exec play_pcap_audio="{pcap}" /></action></nop>')
+            steps.append('  <pause milliseconds="250" />')
+        steps.append('  <nop><action><exec rtp_stream="resume" /></action></nop>')
+    marker = '  <nop test="agent_hangs_up" next="hangup" />'
+    assert marker in base, "uas.xml changed: update dtmf_scenario"
+    return base.replace(marker, "\n".join(steps) + "\n" + marker)
+
+
 def answering(
     workdir: Path,
     port: int,
@@ -182,10 +206,16 @@ def answering(
     name: str = "agent",
     scenario: str = "uas.xml",
     extra: Sequence[str] = (),
+    dtmf: Sequence[tuple[int, str]] = (),
 ) -> Phone:
     """An agent or supervisor phone on ``port``: rings, answers, hangs up after ``hold_ms`` (0 = waits)."""
     args = ["-sf", scenario, "-i", "127.0.0.1", "-p", str(port), "-mi", "127.0.0.1", "-mp", str(rtp_base())]
     if scenario == "uas.xml":
         args += ["-set", "ring_ms", str(ring_ms), "-set", "hold_ms", str(hold_ms)]
     args += ["-m", str(calls), *extra]
-    return Phone(workdir, name, args)
+    phone = Phone(workdir, name, args)
+    if dtmf:
+        generated = dtmf_scenario((SIPP_DIR / scenario).read_text(), dtmf, phone.dir)
+        (phone.dir / "uas_dtmf.xml").write_text(generated)
+        phone.args[1] = "uas_dtmf.xml"
+    return phone

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -60,8 +61,20 @@ async def wait_for_calls(service: Any, count: int, port: int, timeout: float = 3
     raise AssertionError(f"only {service.app.finished_calls} of {count} calls ended")
 
 
+_written: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _clean_spool() -> Iterator[None]:
+    """These tests run without the uploader: remove their recordings from the shared spool afterwards."""
+    yield
+    while _written:
+        _written.pop().unlink(missing_ok=True)
+
+
 async def wait_for_files(spool: Path, call_id: str, timeout: float = 15) -> dict[str, Any]:
     """The call's metadata once both it and MixMonitor's completion marker exist."""
+    _written.extend(spool / f"{call_id}{ext}" for ext in (".wav", ".done", ".json"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta, done = spool / f"{call_id}.json", spool / f"{call_id}.done"
