@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 RECORDINGS_PREFIX = "recordings/"
 HOLDS_PREFIX = "holds/"
 AUDIT_PREFIX = "audit/"
+#: The retention worker's lease and run journals (``retention/lease.json``, ``retention/runs/<run>/…``).
+RETENTION_PREFIX = "retention/"
 HOLD_SCHEMA = "kasuhara.hold/1"
 #: User metadata on every object we write (sent as ``x-amz-meta-<name>``; ASCII only, never caller text).
 META_SHA256 = "sha256"
@@ -89,6 +91,10 @@ class StorageRefused(StorageError):
 
 class ContentChanged(StorageError):
     """The file read during upload does not match the size or sha256 computed beforehand."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write (``If-Match`` / ``If-None-Match``) lost: someone else wrote first."""
 
 
 class StorageSetupError(ValueError):
@@ -248,6 +254,25 @@ class ObjectStore(Protocol):
     def list_prefix(self, prefix: str, *, versions: bool = False) -> AsyncIterator[ObjectInfo]:
         """Everything under ``prefix`` (recursively), in key order; with ``versions`` every version and
         delete marker."""
+        ...
+
+    async def list_dirs(self, prefix: str, *, versions: bool = False) -> list[str]:
+        """The "directories" one level below ``prefix`` (S3 common prefixes, each ending in ``/``), sorted.
+        With ``versions`` a directory holding only old versions or delete markers is included too."""
+        ...
+
+    async def put_bytes_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> PutResult:
+        """A conditional write: only if ``key`` does not exist (``if_none_match``) or its latest version
+        still has the etag ``if_match``; otherwise :class:`PreconditionFailed`."""
         ...
 
     async def delete_versions(self, refs: Sequence[ObjectRef]) -> list[DeleteFailure]:
@@ -598,6 +623,41 @@ class MinioStore:
             if not page:
                 return
 
+    async def list_dirs(self, prefix: str, *, versions: bool = False) -> list[str]:
+        def dirs() -> list[str]:
+            found = self._client.list_objects(
+                self.bucket, prefix=prefix, recursive=False, include_version=versions
+            )
+            return sorted({o.object_name for o in found if o.is_dir})
+
+        return await self._call(dirs, f"list {prefix}")
+
+    async def put_bytes_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> PutResult:
+        headers: dict[str, Any] = {"Content-Type": content_type}
+        headers.update({f"x-amz-meta-{name}": value for name, value in metadata.items()})
+        if self._sse is not None:
+            headers.update(self._sse.headers())
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        if if_match is not None:
+            headers["If-Match"] = f'"{if_match.strip(chr(34))}"'
+
+        def put() -> PutResult:
+            # The public put_object() would turn If-* into user metadata; _put_object sends them as given.
+            result = self._client._put_object(self.bucket, key, data, headers)
+            return PutResult(key, result.etag or "", result.version_id)
+
+        return await self._call(put, f"put {key}")
+
     # -- deletes and holds
 
     async def delete_versions(self, refs: Sequence[ObjectRef]) -> list[DeleteFailure]:
@@ -702,6 +762,8 @@ def _translate(exc: BaseException, what: str) -> StorageError:
         code = exc.code or "S3Error"
         if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ObjectLocked"}:
             return StorageRefused(f"{what}: refused ({code})", code=code)
+        if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+            return PreconditionFailed(f"{what}: {code}", code=code)
         if code in {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}:
             return StorageUnavailable(f"{what}: server busy ({code})", code=code)
         return StorageError(f"{what}: {code}", code=code)
@@ -839,6 +901,38 @@ class MemoryStore:
                     is_delete_marker=v.data is None,
                     last_modified=v.last_modified,
                 )
+
+    async def list_dirs(self, prefix: str, *, versions: bool = False) -> list[str]:
+        self._enter("list_dirs", prefix)
+        found = set()
+        for key, history in self.objects.items():
+            if not key.startswith(prefix) or (not versions and history[-1].data is None):
+                continue
+            rest = key[len(prefix) :]
+            if "/" in rest:
+                found.add(prefix + rest.split("/", 1)[0] + "/")
+        return sorted(found)
+
+    async def put_bytes_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Mapping[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+    ) -> PutResult:
+        self._enter("put_bytes_if", key)
+        latest = self._latest(key)
+        if if_none_match and latest is not None:
+            raise PreconditionFailed(f"put {key}: PreconditionFailed", code="PreconditionFailed")
+        if if_match is not None:
+            etag = hashlib.md5(latest.data or b"", usedforsecurity=False).hexdigest() if latest else None
+            if etag != if_match.strip('"'):
+                raise PreconditionFailed(f"put {key}: PreconditionFailed", code="PreconditionFailed")
+        version = self._add(key, bytes(data), metadata, content_type)
+        return PutResult(key, hashlib.md5(data, usedforsecurity=False).hexdigest(), version.version_id)
 
     async def delete_versions(self, refs: Sequence[ObjectRef]) -> list[DeleteFailure]:
         self._enter("delete_versions", f"{len(refs)} objects")
@@ -1116,7 +1210,8 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
     - ``service`` (``kasuhara serve``): writes recordings and hold records, sets legal holds, reads back
       what it wrote (HEAD for verification and idempotent retries); cannot delete anything.
     - ``retention``: lists, reads metadata and hold records, deletes recording versions, writes audit
-      records; cannot touch holds or legal holds.
+      records, reads and writes its lease and run journals under ``retention/``; cannot touch holds or
+      legal holds.
     - ``admin``: everything on recordings, holds and audit records except deleting audit records; no
       bucket configuration and no governance bypass.
     """
@@ -1179,6 +1274,12 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Effect": "Allow",
                 "Action": ["s3:PutObject"],
                 "Resource": objects(AUDIT_PREFIX),
+            },
+            {
+                "Sid": "LeaseAndRunJournal",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject"],
+                "Resource": objects(RETENTION_PREFIX),
             },
         ],
     }

@@ -94,9 +94,11 @@ def spool(asterisk: Config) -> Path:
 
 @pytest.fixture
 def call_cfg(asterisk: Config) -> Config:
-    """The stack's config with MQTT and S3 switched off: call-flow tests look at the spool directly."""
+    """The stack's config with MQTT and S3 off (call-flow tests look at the spool) and a unique app."""
     return replace(
         asterisk,
+        # Its own Stasis app: calls placed with this app name (X-Kasuhara-App) reach this test only.
+        ari=replace(asterisk.ari, app=f"kasuhara-t{uuid.uuid4().hex[:10]}"),
         mqtt=replace(asterisk.mqtt, enabled=False),
         storage=replace(asterisk.storage, enabled=False),
     )

@@ -135,6 +135,7 @@ def caller(
     concurrent: int = 1,
     rate: int = 10,
     name: str = "caller",
+    app: str = "kasuhara",
     timeout_s: int = 120,
     extra: Sequence[str] = (),
 ) -> Phone:
@@ -152,6 +153,9 @@ def caller(
             "-set",
             "call_ms",
             str(call_ms),
+            "-set",
+            "app",
+            app,
             "-i",
             "127.0.0.1",
             "-p",

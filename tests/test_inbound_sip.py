@@ -96,7 +96,7 @@ async def test_call_is_announced_recorded_and_bridged(
 ) -> None:
     port = agent_port()
     agent = await answering(sip_workdir, port, ring_ms=500).start()
-    phone = await caller(sip_workdir, port, call_ms=12000).start()
+    phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=12000).start()
     try:
         # Mid-call: caller and agent sit in one mixing bridge with DTMF events.
         deadline = time.monotonic() + 20
@@ -166,7 +166,7 @@ async def test_agent_unreachable_caller_hears_apology(
     port = agent_port()
     agent = await answering(sip_workdir, port, scenario=scenario).start()
     # The caller would talk for a minute: the call must end from our side (BYE after the apology).
-    phone = await caller(sip_workdir, port, call_ms=60000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=60000).start()
     try:
         assert await phone.wait(40) == 0, phone.error_text()
         assert await agent.wait(10) == 0, agent.error_text()
@@ -193,7 +193,9 @@ async def test_caller_hangs_up_during_notice_no_agent_rung(
 ) -> None:
     port = agent_port()
     agent = await answering(sip_workdir, port).start()
-    phone = await caller(sip_workdir, port, call_ms=2000).start()  # the notice lasts ~5.5 s
+    phone = await caller(
+        sip_workdir, port, app=running_service.cfg.ari.app, call_ms=2000
+    ).start()  # the notice lasts ~5.5 s
     try:
         assert await phone.wait(30) == 0, phone.error_text()
         (call_id,) = await wait_for_calls(running_service, 1, port)
@@ -215,7 +217,7 @@ async def test_caller_hangs_up_during_notice_no_agent_rung(
 async def test_agent_hangs_up_first(running_service: Any, call_cfg: Config, sip_workdir: Path) -> None:
     port = agent_port()
     agent = await answering(sip_workdir, port, hold_ms=3000).start()
-    phone = await caller(sip_workdir, port, call_ms=60000).start()
+    phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=60000).start()
     try:
         assert await phone.wait(40) == 0, phone.error_text()
         assert await agent.wait(10) == 0, agent.error_text()
@@ -237,7 +239,9 @@ async def test_agent_hangs_up_first(running_service: Any, call_cfg: Config, sip_
 async def test_twenty_concurrent_calls(running_service: Any, call_cfg: Config, sip_workdir: Path) -> None:
     port = agent_port()
     agent = await answering(sip_workdir, port, calls=20).start()
-    phone = await caller(sip_workdir, port, call_ms=8000, calls=20, concurrent=20, rate=20).start()
+    phone = await caller(
+        sip_workdir, port, app=running_service.cfg.ari.app, call_ms=8000, calls=20, concurrent=20, rate=20
+    ).start()
     try:
         assert await phone.wait(90) == 0, phone.error_text()
         assert await agent.wait(20) == 0, agent.error_text()
@@ -272,7 +276,7 @@ async def test_websocket_killed_mid_call_reconnects_and_tears_down(
 ) -> None:
     port = agent_port()
     agent = await answering(sip_workdir, port).start()
-    phone = await caller(sip_workdir, port, call_ms=12000).start()
+    phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=12000).start()
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "agent_answered" not in [
