@@ -24,9 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the SIPp phone driver is shared with the tests
 
-from sip import agent_port, answering, caller  # noqa: E402
-
 from kasuhara_ari.config import Config, load  # noqa: E402
+
+from sip import agent_port, answering, caller  # noqa: E402
 
 STATE = Path(os.environ.get("KASUHARA_STACK_DIR", "/var/cache/kasuhara"))
 

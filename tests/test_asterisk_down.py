@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, STACK_CONFIG
 from kasuhara_ari.config import Config
+
+from conftest import REPO, STACK_CONFIG
 
 pytestmark = pytest.mark.integration
 

@@ -10,18 +10,19 @@ import asyncio
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from audio import contains_at_start, duration_s, header_is_final
-from sip import agent_port, answering, caller
 
 from kasuhara_ari.config import Config
+
+from audio import contains_at_start, duration_s, header_is_final
+from sip import agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-# The broker helpers live with the publisher's tests (to move into conftest.py together).
-from test_events import Mosquitto, free_port, running_mosquitto
-
 from kasuhara_ari.cli.monitor import CallBoard, monitor
 from kasuhara_ari.events import MqttEvents, build_payload
 from kasuhara_ari.schemas import validate_event
+
+# The broker helpers live with the publisher's tests (to move into conftest.py together).
+from test_events import Mosquitto, free_port, running_mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_MONITOR = "from kasuhara_ari.cli.monitor import monitor; monitor()"

@@ -12,7 +12,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
-from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 
 from kasuhara_ari.config import StorageConfig
 from kasuhara_ari.safe import UnsafeValueError
@@ -35,6 +34,8 @@ from kasuhara_ari.storage import (
     policy_documents,
     recording_keys,
 )
+
+from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -406,9 +407,9 @@ async def test_ensure_bucket_creates_with_object_lock_and_refuses_unlocked() -> 
 
 @pytest.mark.integration
 async def test_unreachable_server_is_storage_unavailable() -> None:
-    from s3_fixture import CuttableProxy
-
     from kasuhara_ari.storage import StorageUnavailable
+
+    from s3_fixture import CuttableProxy
 
     target = require_s3()
     host, _, port = target.endpoint.partition(":")

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from s3_fixture import destroy_bucket, open_store, require_s3, unique_bucket
 from uploader_helpers import put_recording, wav_bytes
 
 from kasuhara_ari.cli.storage import storage
 from kasuhara_ari.storage import policy_documents
+
+from s3_fixture import destroy_bucket, open_store, require_s3, unique_bucket
 
 
 @pytest.fixture(autouse=True)

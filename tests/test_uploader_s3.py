@@ -17,16 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_fixture import (
-    CuttableProxy,
-    S3Target,
-    all_versions,
-    create_bucket,
-    destroy_bucket,
-    open_store,
-    require_s3,
-    unique_bucket,
-)
 from uploader_helpers import (
     STARTED,
     metadata,
@@ -40,6 +30,17 @@ from uploader_helpers import (
 from kasuhara_ari.events import MemoryEvents
 from kasuhara_ari.storage import DeletionGuard, HoldRecord, MinioStore, ObjectRef, recording_keys
 from kasuhara_ari.uploader import Timing, Uploader
+
+from s3_fixture import (
+    CuttableProxy,
+    S3Target,
+    all_versions,
+    create_bucket,
+    destroy_bucket,
+    open_store,
+    require_s3,
+    unique_bucket,
+)
 
 pytestmark = pytest.mark.integration
 TESTS = Path(__file__).resolve().parent
