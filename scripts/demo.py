@@ -135,7 +135,8 @@ async def main() -> int:
     )
     print("\nWhere the recording is:")
     print(
-        f"  s3://{cfg.storage.bucket}/{stored.get('key')}  ({stored.get('bytes')} bytes, sha256 {stored.get('sha256')})"
+        f"  s3://{cfg.storage.bucket}/{stored.get('key')}\n"
+        f"  {stored.get('bytes')} bytes, sha256 {stored.get('sha256')}"
     )
     if show.returncode == 0:
         meta = json.loads(show.stdout)
