@@ -308,7 +308,11 @@ class Call:
             self.record.end_reason = self.record.end_reason or "error"
             raise
         finally:
-            await asyncio.shield(self._end())
+            await self._finish()
+
+    async def _finish(self) -> None:
+        """Teardown even when the call's task is cancelled (shutdown): metadata must be written."""
+        await asyncio.shield(self._end())
 
     async def _start_recording(self) -> None:
         try:
@@ -357,13 +361,7 @@ class Call:
                 self.record.end_reason = "caller_hungup_while_ringing"
                 return False
             if self.channel_gone(agent_id):
-                # Give the destruction event (with its cause) a moment to follow the hangup request.
-                deadline_gone = time.monotonic() + 1.0
-                while agent_id not in self._destroyed and time.monotonic() < deadline_gone:
-                    await self.next_event(timeout=0.2)
-                self.record.end_reason = _unreachable_reason(
-                    self._dialstatus.get(agent_id, ""), self._causes.get(agent_id, 0)
-                )
+                self.record.end_reason = await self._why_unreachable(agent_id)
                 self.record.agent = None
                 return False
             if time.monotonic() > deadline:
@@ -375,6 +373,14 @@ class Call:
         self.record.agent_answered_at = now_iso()
         self.emit("agent_answered", agent=self.target)
         return True
+
+    async def _why_unreachable(self, channel_id: str) -> str:
+        """Why a dialled leg went away unanswered: its Dial status if Asterisk gave one, else its cause."""
+        # The destruction event (with the cause) follows the hangup request closely: wait for it.
+        deadline = time.monotonic() + 1.0
+        while channel_id not in self._destroyed and time.monotonic() < deadline:
+            await self.next_event(timeout=0.2)
+        return _unreachable_reason(self._dialstatus.get(channel_id, ""), self._causes.get(channel_id, 0))
 
     async def _talk(self) -> None:
         caller = self.caller.id

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
+_END_EVENTS = frozenset({"ChannelHangupRequest", "ChannelDestroyed", "StasisEnd"})
+#: Q.850 causes of a supervisor leg that ended before answering, as metadata and events name them.
+_BUSY_CAUSES = frozenset({17})
+_NO_ANSWER_CAUSES = frozenset({18, 19})
 
 
 class KeySequenceCollector:
@@ -68,11 +72,20 @@ class KeySequenceCollector:
 
 
 class EscalationRunner:
-    """Carries out agent actions for one call; at most one supervisor escalation at a time."""
+    """Carries out agent actions for one call; at most one supervisor escalation at a time.
+
+    While supervisors are being rung, the agent's other keys still act at once (a flag or a warning must
+    not wait for a phone to stop ringing), a repeated ``*9`` does nothing, and a ``*3`` ends the call and
+    the escalation with it. A supervisor leg's end is seen by its hangup events or by our own timer,
+    whichever comes first (the final Dial status alone is not reliable).
+    """
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self._supervisor_legs: list[str] = []
+        self._joined_leg: str | None = None
+        self._dialstatus: dict[str, str] = {}  # supervisor leg -> last Dial status
+        self._causes: dict[str, int] = {}  # supervisor leg -> Q.850 cause of its end
         self.supervisor_joined: str | None = None
         self.in_progress = False
 
@@ -80,8 +93,24 @@ class EscalationRunner:
         return list(self._supervisor_legs)
 
     def absorb(self, kind: str, channel_id: str, event: dict[str, Any]) -> None:
-        """Event hook (facts are kept by the call; nothing extra is needed yet)."""
-        return
+        """Facts about supervisor legs (the call keeps the general ones)."""
+        if kind == "Dial":
+            peer = str((event.get("peer") or {}).get("id", ""))
+            if peer in self._supervisor_legs and event.get("dialstatus"):
+                self._dialstatus[peer] = str(event["dialstatus"])
+        elif kind in _END_EVENTS and channel_id in self._supervisor_legs:
+            if "cause" in event and (kind == "ChannelDestroyed" or channel_id not in self._causes):
+                self._causes[channel_id] = int(event.get("cause") or 0)
+            if channel_id == self._joined_leg:
+                self._supervisor_left(channel_id)
+
+    def _supervisor_left(self, leg: str) -> None:
+        call = self.call
+        supervisor = self.supervisor_joined
+        self._joined_leg = None
+        self.supervisor_joined = None
+        log.info("escalation event=supervisor_left call_id=%s leg=%s", call.call_id, leg)
+        call.emit("supervisor_left", supervisor=supervisor)
 
     async def handle(self, key: str, action: str) -> bool:
         """Run one action; True when it ended the call."""

@@ -74,6 +74,8 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "agent_ringing": frozenset({"target"}),
     "agent_answered": frozenset({"agent"}),
     "agent_unavailable": frozenset({"target"}),
+    "customer_ringing": frozenset({"target"}),
+    "customer_answered": frozenset({"target"}),
     "escalation_requested": frozenset({"key"}),
     "supervisor_ringing": frozenset({"supervisor"}),
     "supervisor_joined": frozenset({"supervisor"}),

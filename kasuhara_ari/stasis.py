@@ -18,6 +18,7 @@ from .ari import CONNECTED, AriClient, AriError, Channel, ChannelGone
 from .call import Call, CallDeps
 from .config import Config
 from .events import EventSink
+from .outbound import OutboundCall
 from .recording import Recorder, check_call_id
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class StasisApp:
             owner.deliver(event)
             return
         role = args[0] if args else ""
-        if role == "inbound":
+        if role in ("inbound", "outbound"):
             self._start_call(event, channel, args)
         else:
             log.warning("stasis event=unexpected_channel channel=%s args=%s", channel.id, args[:3])
@@ -107,8 +108,16 @@ class StasisApp:
             return
         if call_id in self.calls:
             call_id = check_call_id(f"{call_id}-{channel.id}"[:128])
-        target = args[1] if len(args) > 1 and args[1] else self.cfg.routing.default_target
-        call = Call(self._deps, channel, call_id, target)
+        target = args[1] if len(args) > 1 and args[1] else ""
+        call: Call
+        if args[0] == "outbound":
+            if not target:
+                log.error("stasis event=outbound_without_target channel=%s", channel.id)
+                self._spawn(self._return_to_dialplan(channel.id), "return")
+                return
+            call = OutboundCall(self._deps, channel, call_id, target)
+        else:
+            call = Call(self._deps, channel, call_id, target or self.cfg.routing.default_target)
         self.calls[call_id] = call
         self._by_channel[channel.id] = call
         self._by_bridge[call.bridge_id] = call

@@ -1190,8 +1190,12 @@ class DeletionGuard:
             batch = allowed[start : start + 1000]
             failures = await self.store.delete_versions(batch)
             failed = {(f.ref.key, f.ref.version_id): f for f in failures}
+            # A failure the server reported without its VersionId (moto does) cannot be pinned to one
+            # version: count every version of that key in the batch as refused. Under-reporting a
+            # deletion is safe (the next run sees the key gone); over-reporting one is not.
+            unpinned = {f.ref.key: f for f in failures if f.ref.version_id is None}
             for ref in batch:
-                failure = failed.get((ref.key, ref.version_id))
+                failure = failed.get((ref.key, ref.version_id)) or unpinned.get(ref.key)
                 if failure is None:
                     deleted.append(ref)
                 else:

@@ -136,12 +136,13 @@ def caller(
     rate: int = 10,
     name: str = "caller",
     app: str = "kasuhara",
+    from_user: str = "caller",
     timeout_s: int = 120,
     extra: Sequence[str] = (),
 ) -> Phone:
     """The customer: dials ``exten``, talks ``call_ms`` after the answer, then hangs up (or takes a BYE)."""
     port = free_udp_port(15000, 15999)
-    return Phone(
+    phone = Phone(
         workdir,
         name,
         [
@@ -176,6 +177,14 @@ def caller(
             *extra,
         ],
     )
+    if from_user != "caller":
+        # The same scenario as another SIP user (e.g. ``agent``, whose endpoint calls out).
+        if not from_user.isalnum():
+            raise ValueError(f"bad SIP user {from_user!r}")
+        scenario = (SIPP_DIR / "uac.xml").read_text().replace("sip:caller@", f"sip:{from_user}@")
+        (phone.dir / "uac_as.xml").write_text(scenario.replace('"caller" <sip:', f'"{from_user}" <sip:'))
+        phone.args[phone.args.index("uac.xml")] = "uac_as.xml"
+    return phone
 
 
 def dtmf_scenario(base: str, presses: Sequence[tuple[int, str]], pcap_dir: Path) -> str:

@@ -1,0 +1,134 @@
+"""An outbound call: the agent dials a customer through ``Stasis(kasuhara,outbound,TARGET)``.
+
+The customer is the one who must hear the notice and whose leg is recorded, exactly as an inbound caller:
+so once the customer's leg exists it takes the place of ``Call.caller`` and the rest of the call (talking,
+escalation, teardown, metadata) is the inbound call's. Only the beginning differs:
+
+ringing (the agent hears ringback while the customer's phone rings) → customer answers → recording starts
+on the customer's leg → notice to the customer → the agent is answered and both meet in the bridge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .announcement import PlayOutcome
+from .ari import AriError, Channel, ChannelGone
+from .call import Call, CallDeps, CallState, _iso
+from .events import now_iso
+
+log = logging.getLogger(__name__)
+
+
+class OutboundCall(Call):
+    def __init__(self, deps: CallDeps, agent: Channel, call_id: str, target: str) -> None:
+        super().__init__(deps, agent, call_id, target, direction="outbound")
+        self.agent_channel = agent
+        self.agent_id = agent.id
+        self.record.agent = agent.name
+        # The customer's leg does not exist yet; its id is ours to choose, so events can be routed to it
+        # from the first one on.
+        self.caller = Channel(f"{call_id}-customer", "", "Down", "", "", "")
+
+    async def run(self) -> None:
+        ari = self.deps.ari
+        cfg = self.deps.cfg
+        agent = self.agent_channel.id
+        try:
+            self.emit("started", direction="outbound", caller=self._caller_dict(), target=self.target)
+            await self._quietly(ari.ring(agent))
+            self._set_state(CallState.DIALLING)
+            await ari.create_bridge(self.bridge_id, name=self.bridge_id)
+            if not await self._dial_customer():
+                return
+
+            # The customer answered: record from now on, then the notice, before the agent is connected.
+            self._set_state(CallState.ANSWERING)
+            self._answered_wall = time.time()
+            self.record.answered_at = _iso(self._answered_wall)
+            await self._start_recording()
+            self._set_state(CallState.NOTICE)
+            outcome = await self.deps.notices.play(
+                self, self.caller.id, cfg.announcement.sound, tag=f"{self.call_id}-notice"
+            )
+            if self.channel_gone(self.caller.id):
+                self.record.end_reason = "customer_hungup_during_notice"
+                return
+            if self.channel_gone(agent):
+                self.record.end_reason = "agent_hungup"
+                return
+            if outcome is PlayOutcome.FINISHED:
+                self.record.notice_played = True
+                self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
+                await self._quietly(ari.set_variable(self.caller.id, "__KASUHARA_NOTICE_PLAYED", "1"))
+
+            await ari.answer(agent)
+            await ari.add_to_bridge(self.bridge_id, self.caller.id)
+            await ari.add_to_bridge(self.bridge_id, agent, absorb_dtmf=True, role="agent")
+            self.record.agent_answered_at = now_iso()
+            self.emit("agent_answered", agent=self.agent_channel.name)
+            self._set_state(CallState.TALKING)
+            await self._talk()
+        except ChannelGone as exc:
+            log.info("call event=channel_gone_during_step call_id=%s error=%s", self.call_id, exc)
+            self.record.end_reason = self.record.end_reason or "hung_up"
+        except AriError as exc:
+            log.error(
+                "call event=ari_error call_id=%s state=%s error=%s", self.call_id, self.state.value, exc
+            )
+            self.record.end_reason = self.record.end_reason or "error"
+        except Exception:
+            log.exception("call event=bug call_id=%s state=%s", self.call_id, self.state.value)
+            self.record.end_reason = self.record.end_reason or "error"
+            raise
+        finally:
+            await self._finish()
+
+    def _caller_dict(self) -> dict[str, str]:
+        return {"number": self.record.caller_number, "name": self.record.caller_name}
+
+    async def _dial_customer(self) -> bool:
+        """Ring the customer; True once answered. The agent hears the outcome as a hangup cause."""
+        ari = self.deps.ari
+        customer_id = self.caller.id
+        agent = self.agent_channel.id
+        if self.deps.claim_channel is not None:
+            self.deps.claim_channel(customer_id, self)
+        try:
+            created = await ari.create_channel(
+                self.target,
+                channel_id=customer_id,
+                app_args=f"customer,{self.call_id}",
+                originator=agent,
+                variables={"KASUHARA_CALL_ID": self.call_id, "KASUHARA_ROLE": "customer"},
+            )
+        except ChannelGone:
+            raise
+        except AriError as exc:
+            log.error("call event=customer_create_failed call_id=%s error=%s", self.call_id, exc)
+            self.record.end_reason = "customer_unreachable"
+            await self._quietly(ari.hangup(agent, "congestion"))
+            return False
+        self.caller = created
+        timeout = self.deps.cfg.routing.dial_timeout_s
+        await ari.dial(customer_id, caller=agent, timeout_s=timeout)
+        self.emit("customer_ringing", target=self.target)
+        deadline = time.monotonic() + timeout + 3
+        while not self.channel_up(customer_id):
+            if self.channel_gone(agent):
+                self.record.end_reason = "agent_hungup_while_ringing"
+                return False
+            if self.channel_gone(customer_id):
+                reason = await self._why_unreachable(customer_id)
+                self.record.end_reason = reason.replace("agent_", "customer_")
+                await self._quietly(ari.hangup(agent, "busy" if reason == "agent_busy" else "noanswer"))
+                return False
+            if time.monotonic() > deadline:
+                self.record.end_reason = "customer_no_answer"
+                await self._quietly(ari.hangup(customer_id, "noanswer"))
+                await self._quietly(ari.hangup(agent, "noanswer"))
+                return False
+            await self.next_event(timeout=0.5)
+        self.emit("customer_answered", target=self.target)
+        return True
