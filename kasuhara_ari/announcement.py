@@ -30,6 +30,10 @@ class PlaybackApi(Protocol):
 
     async def stop_playback(self, playback_id: str) -> None: ...
 
+    async def play_on_bridge(
+        self, bridge_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None
+    ) -> dict[str, Any]: ...
+
 
 class Waiter(Protocol):
     """The call's event loop: wait until a playback finished or the channel went away."""
@@ -85,3 +89,30 @@ class NoticePlayer:
             log.error("announcement event=playback_%s channel=%s sound=%s", state, channel_id, sound)
             return PlayOutcome.FAILED
         return PlayOutcome.FINISHED
+
+    async def play_on_bridge(
+        self, waiter: Waiter, bridge_id: str, sound: str, *, tag: str, parties: tuple[str, ...]
+    ) -> PlayOutcome:
+        """Play ``sound`` to everyone in the bridge (and so into the recording); wait until it finished
+        or one of ``parties`` hung up."""
+        playback_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+        try:
+            await self._ari.play_on_bridge(
+                bridge_id, sound_media(sound), lang=self.language, playback_id=playback_id
+            )
+        except AriError as exc:
+            log.error(
+                "announcement event=bridge_play_failed bridge=%s sound=%s error=%s", bridge_id, sound, exc
+            )
+            return PlayOutcome.FAILED
+        waited = 0.0
+        while (state := waiter.playback_state(playback_id)) is None:
+            if any(waiter.channel_gone(p) for p in parties):
+                return PlayOutcome.HUNG_UP
+            if waited >= self.max_prompt_s:
+                with contextlib.suppress(AriError):
+                    await self._ari.stop_playback(playback_id)
+                return PlayOutcome.FAILED
+            if not await waiter.next_event(timeout=1.0):
+                waited += 1.0
+        return PlayOutcome.FINISHED if state == "done" else PlayOutcome.FAILED

@@ -23,6 +23,7 @@ from .announcement import NoticePlayer, PlayOutcome
 from .ari import AriError, Channel, ChannelGone
 from .config import Config
 from .events import EventSink, now_iso
+from .policy import BudgetStep, TimeBudget
 from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
 from .safe import clean_caller_name, clean_caller_number
 
@@ -49,6 +50,9 @@ class Telephony(Protocol):
     async def hangup(self, channel_id: str, reason: str = "normal") -> None: ...
     async def play(
         self, channel_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None
+    ) -> dict[str, Any]: ...
+    async def play_on_bridge(
+        self, bridge_id: str, media: str, *, lang: str | None = None, playback_id: str | None = None
     ) -> dict[str, Any]: ...
     async def stop_playback(self, playback_id: str) -> None: ...
     async def create_channel(
@@ -144,6 +148,7 @@ class Call:
         )
         self._pending_actions: list[tuple[str, str]] = []
         self.escalation = esc.EscalationRunner(self)
+        self.budget = TimeBudget(deps.cfg.policy)
 
     # --- facts ------------------------------------------------------------------------------------------
 
@@ -398,7 +403,42 @@ class Call:
                 if ended:
                     return
                 continue
+            if await self._apply_time_budget():
+                return
             await self.next_event(timeout=0.25)
+
+    async def _apply_time_budget(self) -> bool:
+        """The call's time budget (policy): a tone for the agent before it runs out, then, if enforced,
+        the closing notice for both and the end of the call. True when it ended the call."""
+        step = self.budget.step(self.elapsed_s())
+        if step is BudgetStep.NONE:
+            return False
+        policy = self.deps.cfg.policy
+        duration = round(self.elapsed_s(), 1)
+        if step is BudgetStep.WARN:
+            self.emit(
+                "long_call", duration_s=duration, budget_s=policy.time_budget_s, mode=policy.time_budget_mode
+            )
+            if self.agent_id and not self.channel_gone(self.agent_id):
+                await self.deps.notices.play(
+                    self, self.agent_id, policy.long_call_sound, tag=f"{self.call_id}-long"
+                )
+            return False
+        self.emit("time_limit", duration_s=duration, budget_s=policy.time_budget_s)
+        await self.deps.notices.play_on_bridge(
+            self,
+            self.bridge_id,
+            policy.time_limit_sound,
+            tag=f"{self.call_id}-limit",
+            parties=(self.caller.id, self.agent_id or ""),
+        )
+        self.record.end_reason = "time_limit"
+        await self._quietly(self.deps.ari.hangup(self.caller.id))
+        return True
+
+    def elapsed_s(self) -> float:
+        """Seconds since the call was answered (what the time budget counts)."""
+        return time.time() - self._answered_wall if self._answered_wall is not None else 0.0
 
     async def _quietly(self, aw: Awaitable[Any]) -> None:
         """An ARI call whose failure does not matter (the channel may be gone already)."""

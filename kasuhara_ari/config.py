@@ -114,6 +114,23 @@ class EscalationConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """Call rules recommended by the MHLW manual and Tokyo's guideline: a time budget and caller lists."""
+
+    time_budget_s: int = 1800
+    time_budget_mode: str = "off"  # off | warn | enforce
+    warn_before_s: int = 60
+    long_call_sound: str = "kasuhara/long-call"
+    time_limit_sound: str = "kasuhara/call-ending-time-limit"
+    repeat_calls: int = 0  # mark callers who called this many times within repeat_window_days; 0 = off
+    repeat_window_days: int = 7
+    state_dir: str = "/var/lib/kasuhara"
+    caller_list_refresh_s: int = 30
+    strong_notice_sound: str = "kasuhara/stronger-notice"
+    refused_sound: str = "kasuhara/refused"
+
+
+@dataclass(frozen=True)
 class AgiConfig:
     bind: str = "127.0.0.1"
     port: int = 4573
@@ -150,6 +167,7 @@ class Config:
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     announcement: AnnouncementConfig = field(default_factory=AnnouncementConfig)
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     agi: AgiConfig = field(default_factory=AgiConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -259,6 +277,15 @@ def _validate(cfg: Config) -> None:
     for name, port in (("ami.port", cfg.ami.port), ("mqtt.port", cfg.mqtt.port), ("agi.port", cfg.agi.port)):
         if not 0 < port < 65536:
             raise ConfigError(f"{name}: {port} is not a TCP port")
+    pol = cfg.policy
+    if pol.time_budget_mode not in ("off", "warn", "enforce"):
+        raise ConfigError(f"policy.time_budget_mode: {pol.time_budget_mode!r} is not off, warn or enforce")
+    if pol.time_budget_mode != "off" and pol.time_budget_s < 1:
+        raise ConfigError("policy.time_budget_s: must be at least 1 when the time budget is on")
+    if pol.warn_before_s < 0 or (pol.time_budget_mode != "off" and pol.warn_before_s >= pol.time_budget_s):
+        raise ConfigError("policy.warn_before_s: must be between 0 and policy.time_budget_s")
+    if pol.repeat_calls < 0 or pol.repeat_window_days < 1:
+        raise ConfigError("policy.repeat_calls / repeat_window_days: repeat_calls >= 0, window >= 1 day")
     if cfg.retention.days < 1:
         raise ConfigError(f"retention.days: must be at least 1, got {cfg.retention.days}")
     if not cfg.ari.url.startswith(("http://", "https://")):

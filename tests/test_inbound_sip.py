@@ -303,3 +303,58 @@ async def test_websocket_killed_mid_call_reconnects_and_tears_down(
     assert meta["end_reason"] == "caller_hungup"
     assert agent.received("BYE"), "the agent was left on the line"
     assert (await ari_get(call_cfg, f"/bridges/kasuhara-{call_id}")).status_code == 404
+
+
+def budget(cfg: Config, mode: str, seconds: int, warn_before: int) -> Config:
+    return replace(
+        cfg,
+        policy=replace(cfg.policy, time_budget_mode=mode, time_budget_s=seconds, warn_before_s=warn_before),
+    )
+
+
+async def test_time_budget_enforced_warns_agent_then_ends(
+    service_factory: Any, call_cfg: Config, sip_workdir: Path
+) -> None:
+    # Answered at 0 s, notice until ~5.5 s, agent from ~6 s: the agent's tone at 9 s, the end at 12 s.
+    service = await service_factory(budget(call_cfg, "enforce", 12, 3))
+    port = agent_port()
+    agent = await answering(sip_workdir, port).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=60000).start()
+    try:
+        assert await phone.wait(40) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    (call_id,) = await wait_for_calls(service, 1, port)
+    names = event_names(service, call_id)
+    assert names[-3:] == ["long_call", "time_limit", "ended"], names
+    assert phone.received("BYE") and agent.received("BYE")
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    assert meta["end_reason"] == "time_limit"
+    audio = call_cfg.recording.host_dir / f"{call_id}.wav"
+    closing = NOTICE_JA.with_name("call-ending-time-limit.wav")
+    # 12 s of budget, then the closing notice that both hear (and the recording keeps)
+    assert abs(duration_s(audio) - (12 + duration_s(closing))) < 1.5, duration_s(audio)
+
+
+async def test_time_budget_warn_only_lets_the_call_go_on(
+    service_factory: Any, call_cfg: Config, sip_workdir: Path
+) -> None:
+    service = await service_factory(budget(call_cfg, "warn", 9, 2))
+    port = agent_port()
+    agent = await answering(sip_workdir, port).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=14000).start()
+    try:
+        assert await phone.wait(40) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    (call_id,) = await wait_for_calls(service, 1, port)
+    names = event_names(service, call_id)
+    assert "long_call" in names and "time_limit" not in names, names
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    assert meta["end_reason"] == "caller_hungup"
+    long_call = next(e for e in service.memory_events.of(call_id) if e["event"] == "long_call")
+    assert 6.5 <= long_call["duration_s"] <= 8.5, long_call
