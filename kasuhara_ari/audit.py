@@ -41,7 +41,18 @@ log = logging.getLogger(__name__)
 
 AUDIT_SCHEMA = "kasuhara.audit/1"
 #: Every action that writes a record. ``purge`` is a retention run.
-ACTIONS = ("list", "show", "download", "export", "hold", "release", "delete", "purge")
+ACTIONS = (
+    "list",
+    "show",
+    "download",
+    "export",
+    "hold",
+    "release",
+    "delete",
+    "purge",
+    "callers_add",
+    "callers_remove",
+)
 _KEY_RE = re.compile(
     r"audit/(?P<y>[0-9]{4})/(?P<m>[0-9]{2})/(?P<d>[0-9]{2})/"
     r"(?P<ts>[0-9]{8}T[0-9]{6}\.[0-9]{3}Z)-(?P<id>[0-9a-f]{8,32})\.json"

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from . import escalation as esc
 from .announcement import NoticePlayer, PlayOutcome
 from .ari import AriError, Channel, ChannelGone
+from .callers import CallerPolicy, ListedCaller
 from .config import Config
 from .events import EventSink, now_iso
 from .policy import BudgetStep, TimeBudget
@@ -30,6 +31,10 @@ from .safe import clean_caller_name, clean_caller_number
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+
+
+#: Set (inherited, ``__`` prefix) on a channel once it heard the notice: it is not played to it again.
+NOTICE_VAR = "KASUHARA_NOTICE_PLAYED"
 
 
 class CallState(enum.Enum):
@@ -75,6 +80,7 @@ class Telephony(Protocol):
     ) -> None: ...
     async def destroy_bridge(self, bridge_id: str) -> None: ...
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
+    async def get_variable(self, channel_id: str, name: str) -> str: ...
 
 
 @dataclass
@@ -90,6 +96,8 @@ class CallDeps:
     claim_channel: Callable[[str, Call], None] | None = None
     #: Puts the call's recording on evidence hold durably (call_id, reason, by, started_at).
     hold: Callable[[str, str, str, str], Awaitable[Any]] | None = None
+    #: Repeat callers and the admin's caller list (policy); None = no caller rules.
+    callers: CallerPolicy | None = None
 
 
 #: Q.850 causes of a dialled leg that did not answer, as the metadata names them.
@@ -263,24 +271,45 @@ class Call:
                 caller={"number": self.record.caller_number, "name": self.record.caller_name},
                 target=self.target,
             )
+            notice_sound = cfg.announcement.sound
+            listed = await self._apply_caller_rules()
+            if listed is not None and listed.action == "strong_notice":
+                notice_sound = cfg.policy.strong_notice_sound
+            elif listed is not None and listed.action == "supervisor" and cfg.escalation.supervisors:
+                self.target = self.record.target = cfg.escalation.supervisors[0]
+
             # ANSWERING: answer, then record from the first moment so the recording proves the notice.
             await ari.answer(caller)
             self._answered_wall = time.time()
             self.record.answered_at = _iso(self._answered_wall)
             await self._start_recording()
 
+            if listed is not None and listed.action == "refuse":
+                self.record.end_reason = "refused_listed_caller"
+                await self.deps.notices.play(
+                    self, caller, cfg.policy.refused_sound, tag=f"{self.call_id}-refused"
+                )
+                return
+
             # NOTICE: once per call; a channel that already heard it (transfer) is not told again.
             self._set_state(CallState.NOTICE)
-            outcome = await self.deps.notices.play(
-                self, caller, cfg.announcement.sound, tag=f"{self.call_id}-notice"
-            )
+            if await self._notice_already_given():
+                outcome = PlayOutcome.FINISHED
+                self.record.notice_played = True
+                self.emit(
+                    "notice_played", sound=notice_sound, language=cfg.announcement.language, earlier=True
+                )
+            else:
+                outcome = await self.deps.notices.play(
+                    self, caller, notice_sound, tag=f"{self.call_id}-notice"
+                )
             if outcome is PlayOutcome.HUNG_UP:
                 self.record.end_reason = "caller_hungup_during_notice"
                 return
-            if outcome is PlayOutcome.FINISHED:
+            if outcome is PlayOutcome.FINISHED and not self.record.notice_played:
                 self.record.notice_played = True
-                self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
-                await self._quietly(ari.set_variable(caller, "__KASUHARA_NOTICE_PLAYED", "1"))
+                self.emit("notice_played", sound=notice_sound, language=cfg.announcement.language)
+                await self._quietly(ari.set_variable(caller, f"__{NOTICE_VAR}", "1"))
             else:
                 log.error("call event=notice_failed call_id=%s", self.call_id)
 
@@ -318,6 +347,34 @@ class Call:
     async def _finish(self) -> None:
         """Teardown even when the call's task is cancelled (shutdown): metadata must be written."""
         await asyncio.shield(self._end())
+
+    async def _notice_already_given(self) -> bool:
+        """A channel that heard the notice earlier in this call (and came back, e.g. after a transfer)."""
+        try:
+            return await self.deps.ari.get_variable(self.caller.id, NOTICE_VAR) == "1"
+        except AriError:
+            return False
+
+    async def _apply_caller_rules(self) -> ListedCaller | None:
+        """Repeat callers are marked; a listed caller's entry decides routing, notice or refusal."""
+        if self.deps.callers is None:
+            return None
+        try:
+            check = await self.deps.callers.check(self.caller.caller_number)
+        except Exception:  # a broken rule store must never stop a call
+            log.exception("call event=caller_rules_failed call_id=%s", self.call_id)
+            return None
+        if check.is_repeat:
+            if "repeat_caller" not in self.record.flags:
+                self.record.flags.append("repeat_caller")
+            self.record.repeat_count = check.repeat_count
+            self.emit(
+                "repeat_caller", count=check.repeat_count, window_days=self.deps.cfg.policy.repeat_window_days
+            )
+        if check.listed is not None:
+            self.record.listed = {"action": check.listed.action, "reason": check.listed.reason}
+            self.emit("caller_listed", action=check.listed.action)
+        return check.listed
 
     async def _start_recording(self) -> None:
         try:

@@ -92,6 +92,7 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "long_call": frozenset({"duration_s"}),
     "time_limit": frozenset({"duration_s"}),
     "repeat_caller": frozenset({"count"}),
+    "caller_listed": frozenset({"action"}),
     "ended": frozenset({"duration_s"}),
     "recording_stored": frozenset({"key"}),
 }

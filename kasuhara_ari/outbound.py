@@ -15,7 +15,7 @@ import time
 
 from .announcement import PlayOutcome
 from .ari import AriError, Channel, ChannelGone
-from .call import Call, CallDeps, CallState, _iso
+from .call import NOTICE_VAR, Call, CallDeps, CallState, _iso
 from .events import now_iso
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class OutboundCall(Call):
             if outcome is PlayOutcome.FINISHED:
                 self.record.notice_played = True
                 self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
-                await self._quietly(ari.set_variable(self.caller.id, "__KASUHARA_NOTICE_PLAYED", "1"))
+                await self._quietly(ari.set_variable(self.caller.id, f"__{NOTICE_VAR}", "1"))
 
             await ari.answer(agent)
             await ari.add_to_bridge(self.bridge_id, self.caller.id)

@@ -140,6 +140,8 @@ class CallRecord:
     escalations: list[Escalation] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     hold: dict[str, str] | None = None
+    repeat_count: int | None = None
+    listed: dict[str, str] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -162,6 +164,8 @@ class CallRecord:
             "escalations": [e.as_dict() for e in self.escalations],
             "flags": list(self.flags),
             "hold": self.hold,
+            "repeat_count": self.repeat_count,
+            "listed": self.listed,
             "timeline": list(self.events),
         }
 

@@ -10,10 +10,12 @@ from typing import Any
 
 from .ami import AmiClient, AmiError
 from .ari import AriClient
+from .callers import CallerPolicy
 from .config import Config
 from .events import EventSink, MqttEvents, NullEvents
 from .recording import Recorder
 from .stasis import StasisApp
+from .storage import MinioStore
 from .uploader import Uploader, build_uploader
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,20 @@ class Service:
             async def hold(call_id: str, reason: str, by: str, started_at: str) -> object:
                 return await uploader.hold(call_id, reason, by, started_at=started_at)
 
-        self.app = StasisApp(cfg, self.ari, self.recorder, self.events, on_metadata=notify, hold=hold)
+        self.callers = self._caller_policy()
+        self.app = StasisApp(
+            cfg, self.ari, self.recorder, self.events, on_metadata=notify, hold=hold, callers=self.callers
+        )
+
+    def _caller_policy(self) -> CallerPolicy | None:
+        """Repeat callers (local history) and the caller list (in the bucket), when either can apply."""
+        if not self.cfg.storage.enabled and not self.cfg.policy.repeat_calls:
+            return None
+        store = MinioStore.from_config(self.cfg.storage) if self.cfg.storage.enabled else None
+        policy = CallerPolicy.from_config(self.cfg.policy, store)
+        if store is not None:
+            self._runners.append(policy.run)
+        return policy
 
     def _default_events(self) -> EventSink:
         if not self.cfg.mqtt.enabled:

@@ -16,6 +16,7 @@ from typing import Any
 from .announcement import NoticePlayer
 from .ari import CONNECTED, AriClient, AriError, Channel, ChannelGone
 from .call import Call, CallDeps
+from .callers import CallerPolicy
 from .config import Config
 from .events import EventSink
 from .outbound import OutboundCall
@@ -36,6 +37,7 @@ class StasisApp:
         *,
         on_metadata: Callable[[str], Awaitable[None]] | None = None,
         hold: Callable[[str, str, str, str], Awaitable[Any]] | None = None,
+        callers: CallerPolicy | None = None,
     ) -> None:
         self.cfg = cfg
         self.ari = ari
@@ -52,6 +54,7 @@ class StasisApp:
             on_metadata=on_metadata,
             claim_channel=self._claim,
             hold=hold,
+            callers=callers,
         )
         self._tasks: asyncio.TaskGroup | None = None
         self.connected = asyncio.Event()

@@ -137,6 +137,7 @@ def caller(
     name: str = "caller",
     app: str = "kasuhara",
     from_user: str = "caller",
+    number: str = "-",
     timeout_s: int = 120,
     extra: Sequence[str] = (),
 ) -> Phone:
@@ -157,6 +158,9 @@ def caller(
             "-set",
             "app",
             app,
+            "-set",
+            "caller_number",
+            number,
             "-i",
             "127.0.0.1",
             "-p",

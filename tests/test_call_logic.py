@@ -45,6 +45,7 @@ class FakeAri:
         self.notice = notice
         self.agent = agent
         self.hung_up: set[str] = set()
+        self.vars: dict[tuple[str, str], str] = {}
 
     def _send(self, event: dict[str, Any]) -> None:
         assert self.call is not None
@@ -116,6 +117,10 @@ class FakeAri:
 
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         self.ops.append(("setvar", (channel_id, name, value)))
+        self.vars[(channel_id, name.lstrip("_"))] = value
+
+    async def get_variable(self, channel_id: str, name: str) -> str:
+        return self.vars.get((channel_id, name), "")
 
     def names(self) -> list[str]:
         return [op for op, _ in self.ops]

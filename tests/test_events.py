@@ -377,6 +377,7 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "customer_ringing": {"target": "PJSIP/customer"},
         "customer_answered": {"target": "PJSIP/customer"},
         "time_limit": {"duration_s": 1800.0, "budget_s": 1800},
+        "caller_listed": {"action": "refuse"},
         "escalation_requested": {"key": "*9", "by": "agent", "supervisors": ["PJSIP/s1"]},
         "supervisor_ringing": {"supervisor": "PJSIP/s1", "attempt": 1},
         "supervisor_joined": {"supervisor": "PJSIP/s1", "attempt": 1},
