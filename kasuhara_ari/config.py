@@ -134,6 +134,12 @@ class PolicyConfig:
 class AgiConfig:
     bind: str = "127.0.0.1"
     port: int = 4573
+    max_sessions: int = 200
+    command_timeout_s: float = 5.0
+    notice_timeout_s: float = 60.0
+    env_timeout_s: float = 5.0
+    max_line_bytes: int = 16384
+    reconcile_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)

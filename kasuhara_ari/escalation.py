@@ -208,13 +208,14 @@ class EscalationRunner:
         call._set_state(CallState.ESCALATING)
         try:
             for index, endpoint in enumerate(cfg.supervisors, start=1):
-                leg = f"{call.call_id}-sup-{index}"
+                leg = f"{call.call_id}-sup-{len(self._supervisor_legs) + 1}"
                 self._supervisor_legs.append(leg)
                 if call.deps.claim_channel is not None:
                     call.deps.claim_channel(leg, call)
                 call.emit("supervisor_ringing", supervisor=endpoint, attempt=index)
                 outcome = await self._ring_one(endpoint, leg, cfg.ring_timeout_s)
                 if outcome == "answered":
+                    self._joined_leg = leg
                     self.supervisor_joined = endpoint
                     call.add_escalation(
                         Escalation(
@@ -236,8 +237,12 @@ class EscalationRunner:
                     )
                     return True
                 log.info(
-                    "escalation event=supervisor_missed call_id=%s supervisor=%s", call.call_id, endpoint
+                    "escalation event=supervisor_missed call_id=%s supervisor=%s reason=%s",
+                    call.call_id,
+                    endpoint,
+                    outcome,
                 )
+                call.emit("supervisor_missed", supervisor=endpoint, attempt=index, reason=outcome)
             call.add_escalation(
                 Escalation(at=requested_at, action="supervisor", key=key, by="agent", result="unavailable")
             )
@@ -249,11 +254,14 @@ class EscalationRunner:
             return False
         finally:
             self.in_progress = False
+            # A *9 pressed again while this escalation ran is not a new request.
+            call._pending_actions[:] = [a for a in call._pending_actions if a[1] != "supervisor"]
             if not (call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or "")):
                 call._set_state(CallState.TALKING)
 
     async def _ring_one(self, endpoint: str, leg: str, ring_timeout_s: int) -> str:
-        """``answered``, ``missed`` or ``call_ended``."""
+        """``answered``, ``call_ended``, or why this supervisor did not come: ``no_answer``, ``busy``,
+        ``failed``, ``hung_up`` (answered, then left during the intro)."""
         call = self.call
         ari: Any = call.deps.ari
         try:
@@ -264,29 +272,65 @@ class EscalationRunner:
                 originator=call.caller.id,
                 variables={"KASUHARA_CALL_ID": call.call_id, "KASUHARA_ROLE": "supervisor"},
             )
+            # In the bridge before it rings, so early media (if any) reaches the call at once; its own
+            # digits are absorbed like the agent's.
             await ari.add_to_bridge(call.bridge_id, leg, absorb_dtmf=True, role="supervisor")
             await ari.dial(leg, caller=call.agent_id, timeout_s=ring_timeout_s)
         except ChannelGone:
-            return "missed"
+            await self._drop(leg)
+            return "call_ended" if self._call_over() else "failed"
         except AriError as exc:
             log.error("escalation event=supervisor_dial_failed call_id=%s error=%s", call.call_id, exc)
             await self._drop(leg)
-            return "missed"
+            return "failed"
         deadline = time.monotonic() + ring_timeout_s + 2
         while not call.channel_up(leg):
-            if call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or ""):
+            if self._call_over() or await self._other_keys():
                 await self._drop(leg)
                 return "call_ended"
             if call.channel_gone(leg):
-                return "missed"
+                return await self._why_missed(leg)
             if time.monotonic() > deadline:
                 await self._drop(leg)
-                return "missed"
+                return "no_answer"
             await call.next_event(timeout=0.25)
         cfg = call.deps.cfg.escalation
         await call.deps.notices.play(call, leg, cfg.supervisor_intro_sound, tag=f"{call.call_id}-supintro")
-        return "answered" if not call.channel_gone(leg) else "missed"
+        if self._call_over():
+            await self._drop(leg)
+            return "call_ended"
+        return "answered" if not call.channel_gone(leg) else "hung_up"
+
+    def _call_over(self) -> bool:
+        call = self.call
+        return call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or "")
+
+    async def _other_keys(self) -> bool:
+        """Act on keys the agent completed while a supervisor rings; True when one ended the call."""
+        while (pending := self.call.take_agent_action()) is not None:
+            key, action = pending
+            if action == "supervisor":
+                log.info("escalation event=already_escalating call_id=%s", self.call.call_id)
+                continue
+            if await self.handle(key, action):
+                return True
+        return False
+
+    async def _why_missed(self, leg: str) -> str:
+        """The leg ended before answering: the Dial status when Asterisk gave one, else the cause."""
+        call = self.call
+        wait_until = time.monotonic() + 1.0  # the destruction (with its cause) follows the hangup request
+        while leg not in self._causes and leg not in self._dialstatus and time.monotonic() < wait_until:
+            await call.next_event(timeout=0.2)
+        status, cause = self._dialstatus.get(leg, ""), self._causes.get(leg, 0)
+        if status == "BUSY" or (status in ("", "CANCEL") and cause in _BUSY_CAUSES):
+            return "busy"
+        if status == "NOANSWER" or (status in ("", "CANCEL") and cause in _NO_ANSWER_CAUSES):
+            return "no_answer"
+        return "failed"
 
     async def _drop(self, leg: str) -> None:
+        if self.call.channel_gone(leg):
+            return
         with contextlib.suppress(AriError):
             await self.call.deps.ari.hangup(leg)

@@ -573,7 +573,9 @@ class RetentionSweep:
         items = list(recs.values())
         for start in range(0, len(items), self.concurrency):
             chunk = items[start : start + self.concurrency]
-            for rec, verdict in zip(chunk, await asyncio.gather(*(self._judge(r) for r in chunk)), strict=True):
+            for rec, verdict in zip(
+                chunk, await asyncio.gather(*(self._judge(r) for r in chunk)), strict=True
+            ):
                 self.report.recordings_seen += 1
                 if isinstance(verdict, Problem):
                     self._problem(verdict.key, verdict.problem)
@@ -630,41 +632,34 @@ class RetentionSweep:
         if not self.dry_run:
             await self._journal(batch)
         audio_refs = [ref for c in batch for ref in c.rec.refs(c.rec.audio)]
-        _, audio_refused = await self._guarded(audio_refs)
+        audio_deleted, audio_refused = await self._guarded(audio_refs)
         why: dict[str, str] = {}
         for refusal in audio_refused:
             parsed = parse_recording_key(refusal.ref.key)
             if parsed is not None:
                 why.setdefault(parsed.call_id, refusal.reason)
-        clear = [c for c in batch if c.rec.call_id not in why]
-        meta_refs = [ref for c in clear for ref in c.rec.refs(c.rec.metadata)]
-        _, meta_refused = await self._guarded(meta_refs)
+        # Metadata goes only where the audio is entirely gone: never audio left without its metadata.
+        meta_refs = [ref for c in batch if c.rec.call_id not in why for ref in c.rec.refs(c.rec.metadata)]
+        meta_deleted, meta_refused = await self._guarded(meta_refs)
         for refusal in meta_refused:
             parsed = parse_recording_key(refusal.ref.key)
             if parsed is not None:
                 why.setdefault(parsed.call_id, f"metadata kept: {refusal.reason}")
         r.objects_refused += len(audio_refused) + len(meta_refused)
+        if not self.dry_run:
+            r.objects_deleted += len(audio_deleted) + len(meta_deleted)
         for c in batch:
             reason = why.get(c.rec.call_id)
-            refs = len(c.rec.audio) + len(c.rec.metadata)
             if reason is not None:
                 r.skipped.append(Skipped(c.rec.call_id, c.started_at, reason))
                 continue
+            refs = len(c.rec.audio) + len(c.rec.metadata)
             r.purged.append(Purged(c.rec.call_id, c.started_at, refs))
             self._purged_ids.add(c.rec.call_id)
             if not self.dry_run:
-                r.objects_deleted += refs
                 self._emit(
-                    "retention.purged",
-                    c.rec.call_id,
-                    started_at=c.started_at,
-                    objects=refs,
-                    run_id=r.run_id,
+                    "retention.purged", c.rec.call_id, started_at=c.started_at, objects=refs, run_id=r.run_id
                 )
-        if not self.dry_run:
-            r.objects_deleted += sum(
-                len(c.rec.audio) for c in batch if c.rec.call_id in why and "metadata kept" in why[c.rec.call_id]
-            )
         log.info(
             "retention event=batch run_id=%s recordings=%d skipped=%d dry_run=%s",
             r.run_id,

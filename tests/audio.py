@@ -1,10 +1,15 @@
-"""Small audio checks for recordings (pure Python: 10 ms energy envelopes, no numpy needed)."""
+"""Small audio checks for recordings and RTP captures (pure Python: 10 ms energy envelopes and Goertzel tone
+levels, no numpy needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import shutil
+import signal
 import struct
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -85,3 +90,187 @@ def contains_at_start(
         pr_f = notch([int(x) for x in pr_f], rate, tone)
     score, lag = best_match(envelope(rec_f, rate), envelope(pr_f, prate), int(within_s * 100))
     return score, lag / 100
+
+
+# --- tones, RTP captures -----------------------------------------------------------------------------------
+
+
+def _ulaw_encode(sample: int) -> int:
+    bias, clip = 0x84, 32635
+    sign = 0x80 if sample < 0 else 0
+    magnitude = min(abs(sample), clip) + bias
+    exponent = 7
+    for exp in range(7, -1, -1):
+        if magnitude & (0x4000 >> (7 - exp)):
+            exponent = exp
+            break
+    mantissa = (magnitude >> (exponent + 3)) & 0x0F
+    return ~(sign | (exponent << 4) | mantissa) & 0xFF
+
+
+def _ulaw_decode(byte: int) -> int:
+    byte = ~byte & 0xFF
+    sign, exponent, mantissa = byte & 0x80, (byte >> 4) & 0x07, byte & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return -magnitude if sign else magnitude
+
+
+ULAW_TABLE = [_ulaw_decode(b) for b in range(256)]
+
+
+def write_tone_wav(path: Path, freq: float, *, seconds: float = 10.0, dbfs: float = -20.0) -> Path:
+    """A steady tone as an 8 kHz mono u-law WAV, the format SIPp's ``rtp_stream`` plays (like agent.wav)."""
+    amplitude = 32767 * 10 ** (dbfs / 20)
+    n = int(seconds * 8000)
+    data = bytes(_ulaw_encode(int(amplitude * math.sin(2 * math.pi * freq * i / 8000))) for i in range(n))
+    fmt = struct.pack("<HHIIHH", 7, 1, 8000, 8000, 1, 8)  # WAVE_FORMAT_MULAW
+    path.write_bytes(
+        b"RIFF"
+        + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data))
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"data"
+        + struct.pack("<I", len(data))
+        + data
+    )
+    return path
+
+
+def tone_amplitude(samples: list[int] | list[float], rate: int, freq: float) -> float:
+    """Amplitude (in sample units) of the ``freq`` component of ``samples`` (Goertzel)."""
+    n = len(samples)
+    if n == 0:
+        return 0.0
+    coeff = 2 * math.cos(2 * math.pi * freq / rate)
+    s1 = s2 = 0.0
+    for x in samples:
+        s1, s2 = x + coeff * s1 - s2, s1
+    power = s1 * s1 + s2 * s2 - coeff * s1 * s2
+    return 2 * math.sqrt(max(power, 0.0)) / n
+
+
+def tone_levels(
+    samples: list[int],
+    rate: int,
+    freqs: tuple[float, ...],
+    *,
+    start_s: float = 0.0,
+    end_s: float | None = None,
+) -> dict[float, float]:
+    """Median per-second amplitude of each tone between ``start_s`` and ``end_s`` (speech or a short
+    burst in one second cannot make a tone look present: a steady tone is in every second)."""
+    end = len(samples) if end_s is None else min(len(samples), int(end_s * rate))
+    windows = [samples[i : i + rate] for i in range(int(start_s * rate), end - rate + 1, rate)]
+    assert windows, f"no whole second between {start_s} s and {end_s} s"
+    levels = {}
+    for freq in freqs:
+        values = sorted(tone_amplitude(w, rate, freq) for w in windows)
+        levels[freq] = values[len(values) // 2]
+    return levels
+
+
+def contains_somewhere(
+    recording: Path, prompt: Path, *, tones: tuple[float, ...] = (700.0, 1300.0)
+) -> tuple[float, float]:
+    """(correlation, offset in s) of ``prompt`` anywhere in ``recording`` (tones removed as above)."""
+    rec, rate = read_pcm16(recording)
+    return contains_at_start(recording, prompt, within_s=len(rec) / rate, tones=tones)
+
+
+def read_pcap(path: Path) -> list[tuple[float, int, int, bytes]]:
+    """(time, source port, destination port, UDP payload) of each UDP/IPv4 packet in a pcap file."""
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    magic = struct.unpack("<I", data[:4])[0]
+    endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    nano = magic in (0xA1B23C4D, 0x4D3CB2A1)
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    link_len = {1: 14, 113: 16, 276: 20, 0: 4}[linktype]
+    out = []
+    pos = 24
+    while pos + 16 <= len(data):
+        sec, frac, incl, _ = struct.unpack(endian + "IIII", data[pos : pos + 16])
+        frame = data[pos + 16 : pos + 16 + incl]
+        pos += 16 + incl
+        ip = frame[link_len:]
+        if len(ip) < 28 or ip[0] >> 4 != 4 or ip[9] != 17:
+            continue
+        ihl = (ip[0] & 0x0F) * 4
+        sport, dport = struct.unpack("!HH", ip[ihl : ihl + 4])
+        out.append((sec + frac / (1e9 if nano else 1e6), sport, dport, ip[ihl + 8 :]))
+    return out
+
+
+@dataclass(frozen=True)
+class RtpPacket:
+    at: float
+    payload_type: int
+    marker: bool
+    seq: int
+    timestamp: int
+    payload: bytes
+
+
+def rtp_to(pcap: Path, port: int) -> list[RtpPacket]:
+    """The RTP packets sent to ``port`` (a phone's media port) in arrival order."""
+    packets = []
+    for at, _, dport, udp in read_pcap(pcap):
+        if dport != port or len(udp) < 12 or udp[0] >> 6 != 2:
+            continue
+        csrc = (udp[0] & 0x0F) * 4
+        seq, ts = struct.unpack("!HI", udp[2:8])
+        packets.append(RtpPacket(at, udp[1] & 0x7F, bool(udp[1] & 0x80), seq, ts, udp[12 + csrc :]))
+    return packets
+
+
+def rtp_audio(packets: list[RtpPacket]) -> list[int]:
+    """The G.711 u-law audio of these packets, decoded (payload type 0 only)."""
+    return [ULAW_TABLE[b] for p in packets if p.payload_type == 0 for b in p.payload]
+
+
+def dtmf_events(packets: list[RtpPacket], payload_type: int = 101) -> list[RtpPacket]:
+    """RFC 4733 telephone-event packets."""
+    return [p for p in packets if p.payload_type == payload_type]
+
+
+class Capture:
+    """``tcpdump`` on the loopback interface into a pcap file, for as long as the ``async with`` lasts."""
+
+    def __init__(self, path: Path, bpf: str = "udp") -> None:
+        self.path = path
+        self.bpf = bpf
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Capture:
+        if shutil.which("tcpdump") is None:
+            raise RuntimeError("tcpdump is not installed (apt-get install tcpdump)")
+        self.proc = await asyncio.create_subprocess_exec(
+            "tcpdump", "-i", "lo", "-n", "-U", "-s", "0", "-w", str(self.path), self.bpf,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        line = await asyncio.wait_for(self.proc.stderr.readline(), 10)
+        if b"listening on" not in line:
+            raise RuntimeError(f"tcpdump did not start: {line!r}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        await asyncio.sleep(0.3)  # packets already on the wire reach the file
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(self.proc.wait(), 10)
+
+
+def write_pcm16(path: Path, samples: list[int], rate: int = 8000) -> Path:
+    """Decoded audio (e.g. what a phone received) as a WAV file the recording checks can read."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(struct.pack(f"<{len(samples)}h", *(max(-32768, min(32767, s)) for s in samples)))
+    return path

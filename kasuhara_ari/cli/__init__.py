@@ -39,6 +39,7 @@ for _module, _attr in (
     ("audit", "audit"),
     ("agi", "agi"),
     ("callers", "callers"),
+    ("supervise", "supervise"),
 ):
     try:
         _mod = importlib.import_module(f"{__name__}.{_module}")
