@@ -261,74 +261,9 @@ class Call:
     # --- the call ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        ari = self.deps.ari
-        cfg = self.deps.cfg
-        caller = self.caller.id
+        """The call from start to teardown; every way out (return, hangup, error) ends in ``_end``."""
         try:
-            self.emit(
-                "started",
-                direction=self.record.direction,
-                caller={"number": self.record.caller_number, "name": self.record.caller_name},
-                target=self.target,
-            )
-            notice_sound = cfg.announcement.sound
-            listed = await self._apply_caller_rules()
-            if listed is not None and listed.action == "strong_notice":
-                notice_sound = cfg.policy.strong_notice_sound
-            elif listed is not None and listed.action == "supervisor" and cfg.escalation.supervisors:
-                self.target = self.record.target = cfg.escalation.supervisors[0]
-
-            # ANSWERING: answer, then record from the first moment so the recording proves the notice.
-            await ari.answer(caller)
-            self._answered_wall = time.time()
-            self.record.answered_at = _iso(self._answered_wall)
-            await self._start_recording()
-
-            if listed is not None and listed.action == "refuse":
-                self.record.end_reason = "refused_listed_caller"
-                await self.deps.notices.play(
-                    self, caller, cfg.policy.refused_sound, tag=f"{self.call_id}-refused"
-                )
-                return
-
-            # NOTICE: once per call; a channel that already heard it (transfer) is not told again.
-            self._set_state(CallState.NOTICE)
-            if await self._notice_already_given():
-                outcome = PlayOutcome.FINISHED
-                self.record.notice_played = True
-                self.emit(
-                    "notice_played", sound=notice_sound, language=cfg.announcement.language, earlier=True
-                )
-            else:
-                outcome = await self.deps.notices.play(
-                    self, caller, notice_sound, tag=f"{self.call_id}-notice"
-                )
-            if outcome is PlayOutcome.HUNG_UP:
-                self.record.end_reason = "caller_hungup_during_notice"
-                return
-            if outcome is PlayOutcome.FINISHED and not self.record.notice_played:
-                self.record.notice_played = True
-                self.emit("notice_played", sound=notice_sound, language=cfg.announcement.language)
-                await self._quietly(ari.set_variable(caller, f"__{NOTICE_VAR}", "1"))
-            else:
-                log.error("call event=notice_failed call_id=%s", self.call_id)
-
-            # DIALLING: bridge first, so the caller hears the agent's early media.
-            self._set_state(CallState.DIALLING)
-            await ari.create_bridge(self.bridge_id, name=self.bridge_id)
-            await ari.add_to_bridge(self.bridge_id, caller)
-            if not await self._dial_agent():
-                self.record.end_reason = self.record.end_reason or "agent_unavailable"
-                if not self.channel_gone(caller):
-                    self.emit("agent_unavailable", target=self.target, reason=self.record.end_reason)
-                    await self.deps.notices.play(
-                        self, caller, cfg.announcement.apology_sound, tag=f"{self.call_id}-apology"
-                    )
-                return
-
-            # TALKING: until either side hangs up; the agent's key sequences act on the call.
-            self._set_state(CallState.TALKING)
-            await self._talk()
+            await self._steps()
         except ChannelGone as exc:
             log.info("call event=channel_gone_during_step call_id=%s error=%s", self.call_id, exc)
             self.record.end_reason = self.record.end_reason or "hung_up"
@@ -343,6 +278,72 @@ class Call:
             raise
         finally:
             await self._finish()
+
+    async def _steps(self) -> None:
+        """The inbound call, as the caller experiences it."""
+        ari = self.deps.ari
+        cfg = self.deps.cfg
+        caller = self.caller.id
+        self.emit(
+            "started",
+            direction=self.record.direction,
+            caller={"number": self.record.caller_number, "name": self.record.caller_name},
+            target=self.target,
+        )
+        notice_sound = cfg.announcement.sound
+        listed = await self._apply_caller_rules()
+        if listed is not None and listed.action == "strong_notice":
+            notice_sound = cfg.policy.strong_notice_sound
+        elif listed is not None and listed.action == "supervisor" and cfg.escalation.supervisors:
+            self.target = self.record.target = cfg.escalation.supervisors[0]
+
+        # ANSWERING: answer, then record from the first moment so the recording proves the notice.
+        await ari.answer(caller)
+        self._answered_wall = time.time()
+        self.record.answered_at = _iso(self._answered_wall)
+        await self._start_recording()
+
+        if listed is not None and listed.action == "refuse":
+            self.record.end_reason = "refused_listed_caller"
+            await self.deps.notices.play(
+                self, caller, cfg.policy.refused_sound, tag=f"{self.call_id}-refused"
+            )
+            return
+
+        # NOTICE: once per call; a channel that already heard it (transfer) is not told again.
+        self._set_state(CallState.NOTICE)
+        if await self._notice_already_given():
+            outcome = PlayOutcome.FINISHED
+            self.record.notice_played = True
+            self.emit("notice_played", sound=notice_sound, language=cfg.announcement.language, earlier=True)
+        else:
+            outcome = await self.deps.notices.play(self, caller, notice_sound, tag=f"{self.call_id}-notice")
+        if outcome is PlayOutcome.HUNG_UP:
+            self.record.end_reason = "caller_hungup_during_notice"
+            return
+        if outcome is PlayOutcome.FINISHED and not self.record.notice_played:
+            self.record.notice_played = True
+            self.emit("notice_played", sound=notice_sound, language=cfg.announcement.language)
+            await self._quietly(ari.set_variable(caller, f"__{NOTICE_VAR}", "1"))
+        else:
+            log.error("call event=notice_failed call_id=%s", self.call_id)
+
+        # DIALLING: bridge first, so the caller hears the agent's early media.
+        self._set_state(CallState.DIALLING)
+        await ari.create_bridge(self.bridge_id, name=self.bridge_id)
+        await ari.add_to_bridge(self.bridge_id, caller)
+        if not await self._dial_agent():
+            self.record.end_reason = self.record.end_reason or "agent_unavailable"
+            if not self.channel_gone(caller):
+                self.emit("agent_unavailable", target=self.target, reason=self.record.end_reason)
+                await self.deps.notices.play(
+                    self, caller, cfg.announcement.apology_sound, tag=f"{self.call_id}-apology"
+                )
+            return
+
+        # TALKING: until either side hangs up; the agent's key sequences act on the call.
+        self._set_state(CallState.TALKING)
+        await self._talk()
 
     async def _finish(self) -> None:
         """Teardown even when the call's task is cancelled (shutdown): metadata must be written."""

@@ -31,59 +31,45 @@ class OutboundCall(Call):
         # from the first one on.
         self.caller = Channel(f"{call_id}-customer", "", "Down", "", "", "")
 
-    async def run(self) -> None:
+    async def _steps(self) -> None:
+        """The outbound call's beginning; from the bridge on it is the inbound call's."""
         ari = self.deps.ari
         cfg = self.deps.cfg
         agent = self.agent_channel.id
-        try:
-            self.emit("started", direction="outbound", caller=self._caller_dict(), target=self.target)
-            await self._quietly(ari.ring(agent))
-            self._set_state(CallState.DIALLING)
-            await ari.create_bridge(self.bridge_id, name=self.bridge_id)
-            if not await self._dial_customer():
-                return
+        self.emit("started", direction="outbound", caller=self._caller_dict(), target=self.target)
+        await self._quietly(ari.ring(agent))
+        self._set_state(CallState.DIALLING)
+        await ari.create_bridge(self.bridge_id, name=self.bridge_id)
+        if not await self._dial_customer():
+            return
 
-            # The customer answered: record from now on, then the notice, before the agent is connected.
-            self._set_state(CallState.ANSWERING)
-            self._answered_wall = time.time()
-            self.record.answered_at = _iso(self._answered_wall)
-            await self._start_recording()
-            self._set_state(CallState.NOTICE)
-            outcome = await self.deps.notices.play(
-                self, self.caller.id, cfg.announcement.sound, tag=f"{self.call_id}-notice"
-            )
-            if self.channel_gone(self.caller.id):
-                self.record.end_reason = "customer_hungup_during_notice"
-                return
-            if self.channel_gone(agent):
-                self.record.end_reason = "agent_hungup"
-                return
-            if outcome is PlayOutcome.FINISHED:
-                self.record.notice_played = True
-                self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
-                await self._quietly(ari.set_variable(self.caller.id, f"__{NOTICE_VAR}", "1"))
+        # The customer answered: record from now on, then the notice, before the agent is connected.
+        self._set_state(CallState.ANSWERING)
+        self._answered_wall = time.time()
+        self.record.answered_at = _iso(self._answered_wall)
+        await self._start_recording()
+        self._set_state(CallState.NOTICE)
+        outcome = await self.deps.notices.play(
+            self, self.caller.id, cfg.announcement.sound, tag=f"{self.call_id}-notice"
+        )
+        if self.channel_gone(self.caller.id):
+            self.record.end_reason = "customer_hungup_during_notice"
+            return
+        if self.channel_gone(agent):
+            self.record.end_reason = "agent_hungup"
+            return
+        if outcome is PlayOutcome.FINISHED:
+            self.record.notice_played = True
+            self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
+            await self._quietly(ari.set_variable(self.caller.id, f"__{NOTICE_VAR}", "1"))
 
-            await ari.answer(agent)
-            await ari.add_to_bridge(self.bridge_id, self.caller.id)
-            await ari.add_to_bridge(self.bridge_id, agent, absorb_dtmf=True, role="agent")
-            self.record.agent_answered_at = now_iso()
-            self.emit("agent_answered", agent=self.agent_channel.name)
-            self._set_state(CallState.TALKING)
-            await self._talk()
-        except ChannelGone as exc:
-            log.info("call event=channel_gone_during_step call_id=%s error=%s", self.call_id, exc)
-            self.record.end_reason = self.record.end_reason or "hung_up"
-        except AriError as exc:
-            log.error(
-                "call event=ari_error call_id=%s state=%s error=%s", self.call_id, self.state.value, exc
-            )
-            self.record.end_reason = self.record.end_reason or "error"
-        except Exception:
-            log.exception("call event=bug call_id=%s state=%s", self.call_id, self.state.value)
-            self.record.end_reason = self.record.end_reason or "error"
-            raise
-        finally:
-            await self._finish()
+        await ari.answer(agent)
+        await ari.add_to_bridge(self.bridge_id, self.caller.id)
+        await ari.add_to_bridge(self.bridge_id, agent, absorb_dtmf=True, role="agent")
+        self.record.agent_answered_at = now_iso()
+        self.emit("agent_answered", agent=self.agent_channel.name)
+        self._set_state(CallState.TALKING)
+        await self._talk()
 
     def _caller_dict(self) -> dict[str, str]:
         return {"number": self.record.caller_number, "name": self.record.caller_name}

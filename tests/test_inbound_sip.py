@@ -22,7 +22,7 @@ import pytest
 from kasuhara_ari.config import Config
 
 from audio import contains_at_start, duration_s, header_is_final
-from sip import agent_port, answering, caller
+from sip import Phone, agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
 
@@ -87,6 +87,24 @@ async def wait_for_files(
     raise AssertionError(
         f"spool files for {call_id} incomplete: {sorted(p.name for p in spool.glob(call_id + '*'))}"
     )
+
+
+async def place_call(
+    service: Any, workdir: Path, *, call_ms: int, wait_s: float = 40, **agent_kwargs: Any
+) -> tuple[str, Phone, Phone]:
+    """One real call from a SIPp caller to a SIPp agent through the service; both phones must finish
+    cleanly. Returns the call id and the two phones (for their message logs)."""
+    port = agent_port()
+    agent = await answering(workdir, port, **agent_kwargs).start()
+    phone = await caller(workdir, port, app=service.cfg.ari.app, call_ms=call_ms).start()
+    try:
+        assert await phone.wait(wait_s) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+    finally:
+        await phone.stop()
+        await agent.stop()
+    (call_id,) = await wait_for_calls(service, 1, port)
+    return call_id, phone, agent
 
 
 async def ari_get(cfg: Config, path: str) -> httpx.Response:
@@ -218,16 +236,7 @@ async def test_caller_hangs_up_during_notice_no_agent_rung(
 
 
 async def test_agent_hangs_up_first(running_service: Any, call_cfg: Config, sip_workdir: Path) -> None:
-    port = agent_port()
-    agent = await answering(sip_workdir, port, hold_ms=3000).start()
-    phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=60000).start()
-    try:
-        assert await phone.wait(40) == 0, phone.error_text()
-        assert await agent.wait(10) == 0, agent.error_text()
-    finally:
-        await phone.stop()
-        await agent.stop()
-    (call_id,) = await wait_for_calls(running_service, 1, port)
+    call_id, phone, _ = await place_call(running_service, sip_workdir, call_ms=60000, hold_ms=3000)
     assert phone.received("BYE"), "the caller was left alone on the line"
     meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
     assert meta["end_reason"] == "agent_hungup"
@@ -317,16 +326,7 @@ async def test_time_budget_enforced_warns_agent_then_ends(
 ) -> None:
     # Answered at 0 s, notice until ~5.5 s, agent from ~6 s: the agent's tone at 9 s, the end at 12 s.
     service = await service_factory(budget(call_cfg, "enforce", 12, 3))
-    port = agent_port()
-    agent = await answering(sip_workdir, port).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=60000).start()
-    try:
-        assert await phone.wait(40) == 0, phone.error_text()
-        assert await agent.wait(10) == 0, agent.error_text()
-    finally:
-        await phone.stop()
-        await agent.stop()
-    (call_id,) = await wait_for_calls(service, 1, port)
+    call_id, phone, agent = await place_call(service, sip_workdir, call_ms=60000)
     names = event_names(service, call_id)
     assert names[-3:] == ["long_call", "time_limit", "ended"], names
     assert phone.received("BYE") and agent.received("BYE")
@@ -342,16 +342,7 @@ async def test_time_budget_warn_only_lets_the_call_go_on(
     service_factory: Any, call_cfg: Config, sip_workdir: Path
 ) -> None:
     service = await service_factory(budget(call_cfg, "warn", 9, 2))
-    port = agent_port()
-    agent = await answering(sip_workdir, port).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=14000).start()
-    try:
-        assert await phone.wait(40) == 0, phone.error_text()
-        assert await agent.wait(10) == 0, agent.error_text()
-    finally:
-        await phone.stop()
-        await agent.stop()
-    (call_id,) = await wait_for_calls(service, 1, port)
+    call_id, _, _ = await place_call(service, sip_workdir, call_ms=14000)
     names = event_names(service, call_id)
     assert "long_call" in names and "time_limit" not in names, names
     meta = await wait_for_files(call_cfg.recording.host_dir, call_id)

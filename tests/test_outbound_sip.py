@@ -3,13 +3,12 @@ hears the notice when answering, then talks to the agent; recorded like inbound 
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_inbound_sip import NOTICE_JA, event_names, wait_for_files
+from test_inbound_sip import NOTICE_JA, event_names, wait_for_calls, wait_for_files
 
 from kasuhara_ari.config import Config
 
@@ -17,22 +16,6 @@ from audio import contains_at_start, duration_s, header_is_final
 from sip import agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
-
-
-async def wait_for_outbound(service: Any, port: int, timeout: float = 40) -> str:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        ours = {
-            e["call_id"]
-            for e in service.memory_events.events
-            if e["event"] == "started" and e.get("target", "").endswith(f"@127.0.0.1:{port}")
-        }
-        for e in service.memory_events.events:
-            if e["event"] == "ended" and e["call_id"] in ours:
-                return str(e["call_id"])
-        await asyncio.sleep(0.1)
-    raise AssertionError("the outbound call never ended")
 
 
 async def test_outbound_call_customer_hears_notice_then_agent(
@@ -54,7 +37,7 @@ async def test_outbound_call_customer_hears_notice_then_agent(
     finally:
         await agent.stop()
         await customer.stop()
-    call_id = await wait_for_outbound(running_service, port)
+    (call_id,) = await wait_for_calls(running_service, 1, port)
     names = event_names(running_service, call_id)
     assert names == [
         "started",
@@ -96,7 +79,7 @@ async def test_outbound_customer_busy_releases_the_agent(
     finally:
         await agent.stop()
         await customer.stop()
-    call_id = await wait_for_outbound(service, port)
+    (call_id,) = await wait_for_calls(service, 1, port)
     names = event_names(service, call_id)
     assert "notice_played" not in names and "agent_answered" not in names, names
     meta = await wait_for_files(call_cfg.recording.host_dir, call_id, expect_audio=False)
