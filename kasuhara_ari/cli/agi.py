@@ -1,0 +1,45 @@
+"""``kasuhara agi``: the FastAGI server for dialplans that cannot use Stasis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import click
+
+from ..config import ConfigError
+from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config
+
+
+@click.command()
+@config_option
+def agi(config_path: str | None) -> None:
+    """Serve AGI(agi://HOST:PORT/kasuhara): notice, recording, metadata, upload and events.
+
+    The dialplan goes on after the AGI (it dials the agent); the end of the call is learnt from AMI.
+    Listens on [agi] bind/port (default 127.0.0.1:4573).
+    """
+    from ..agi import AgiService
+
+    cfg = load_config(config_path)
+    try:
+        service = AgiService(cfg)
+    except ConfigError as exc:
+        click.echo(f"kasuhara: configuration error: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+
+    async def main() -> None:
+        task = asyncio.create_task(service.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    except* OSError as group:
+        first = group.exceptions[0]
+        click.echo(f"kasuhara agi: failed: {first} (listening on {cfg.agi.bind}:{cfg.agi.port})", err=True)
+        raise SystemExit(EXIT_FAILED) from None
