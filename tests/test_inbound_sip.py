@@ -256,7 +256,8 @@ async def test_twenty_concurrent_calls(running_service: Any, call_cfg: Config, s
     ).start()
     try:
         assert await phone.wait(90) == 0, phone.error_text()
-        assert await agent.wait(20) == 0, agent.error_text()
+        # The agent's SIPp counts a call done once its BYE is answered; under load that trails the caller.
+        assert await agent.wait(45) == 0, agent.error_text()
     finally:
         await phone.stop()
         await agent.stop()
