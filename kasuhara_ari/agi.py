@@ -735,6 +735,7 @@ class AgiService:
             cfg.ami.username,
             cfg.ami.secret,
             action_timeout_s=cfg.ami.action_timeout_s,
+            events=True,  # the end of a legacy call is known only from AMI's Hangup event
         )
         self.recorder = Recorder(self.ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
         self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []

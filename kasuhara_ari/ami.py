@@ -43,7 +43,11 @@ class AmiClient:
         secret: str,
         *,
         action_timeout_s: float = 5.0,
+        events: bool = False,
     ) -> None:
+        """``events``: receive AMI events (only the FastAGI entry needs them). Off by default: with events
+        on, every event of every channel on the Asterisk is parsed, which the load benchmark showed to be
+        a large share of the call service's CPU."""
         self.action_timeout_s = action_timeout_s
         self._manager = Manager(
             host=host,
@@ -54,6 +58,7 @@ class AmiClient:
             ping_interval=5,
             reconnect_timeout=1,
             forgetable_actions=_Everything(),
+            events="on" if events else "off",
             log=logging.getLogger("kasuhara_ari.ami.panoramisk"),
         )
         self._connect_task: asyncio.Future[Any] | None = None
