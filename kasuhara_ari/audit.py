@@ -138,7 +138,7 @@ class AuditRecord:
 
     def event_fields(self) -> dict[str, Any]:
         """What goes to MQTT: the record without ``details`` (which can list thousands of recordings)
-        but with the counts found there."""
+        but with the counts found there; the record's ``target`` is sent as ``subject``."""
         fields: dict[str, Any] = {
             "id": self.id,
             "at": self.at,
@@ -149,9 +149,10 @@ class AuditRecord:
             "result": self.result,
             "audit_key": self.key,
         }
-        target = {k: v for k, v in self.target.items() if not isinstance(v, list) or len(v) <= 20}
-        target.update({f"{k}_count": len(v) for k, v in self.target.items() if isinstance(v, list)})
-        fields["target"] = target
+        # ``subject`` (not ``target``, which in kasuhara.event/1 is a call's dialled target).
+        subject = {k: v for k, v in self.target.items() if not isinstance(v, list) or len(v) <= 20}
+        subject.update({f"{k}_count": len(v) for k, v in self.target.items() if isinstance(v, list)})
+        fields["subject"] = subject
         counts = self.details.get("counts")
         if isinstance(counts, Mapping):
             fields["counts"] = dict(counts)

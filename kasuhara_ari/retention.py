@@ -449,6 +449,7 @@ class RetentionSweep:
         self._pending: list[_Candidate] = []
         self._journal_n = 0
         self._purged_ids: set[str] = set()
+        self._inflight: asyncio.Future[None] | None = None
 
     # -- the run
 
@@ -460,6 +461,7 @@ class RetentionSweep:
             r.finished_at = datetime.now(UTC)
             log.info("retention event=busy holder=%s", (r.lease_holder or {}).get("run_id"))
             await self._write_audit(r)
+            self._emit("retention.completed", status=r.status, run_id=r.run_id, **r.counts())
             return r
         self._emit(
             "retention.started", cutoff=r.cutoff.isoformat(), days=r.days, dry_run=r.dry_run, run_id=r.run_id
@@ -494,6 +496,9 @@ class RetentionSweep:
     async def _close(self, pending_runs: list[RunInfo]) -> None:
         """Audit record, lease release and the summary event — best effort after a failure."""
         r = self.report
+        if self._inflight is not None and not self._inflight.done():
+            with contextlib.suppress(Exception):
+                await self._inflight
         written = await self._write_audit(r)
         if self.use_lease and r.status != "lost_lease":
             # Our own record not written (S3 down)? Hand our run on so the next run finishes it.
@@ -628,6 +633,13 @@ class RetentionSweep:
         batch, self._pending = self._pending, []
         if not batch:
             return
+        # Shielded: a cancellation (SIGTERM) must not cut a batch in half. A DeleteObjects already sent
+        # completes in its thread anyway; its outcome has to reach the report (and so the audit record),
+        # which _close() ensures by awaiting this task first.
+        self._inflight = asyncio.ensure_future(self._delete_batch(batch))
+        await asyncio.shield(self._inflight)
+
+    async def _delete_batch(self, batch: list[_Candidate]) -> None:
         r = self.report
         if not self.dry_run:
             await self._journal(batch)

@@ -53,6 +53,8 @@ HOLDS_PREFIX = "holds/"
 AUDIT_PREFIX = "audit/"
 #: The retention worker's lease and run journals (``retention/lease.json``, ``retention/runs/<run>/…``).
 RETENTION_PREFIX = "retention/"
+#: The admin-managed caller list (``callers/list.json``): admins write it, the call service reads it.
+CALLERS_PREFIX = "callers/"
 HOLD_SCHEMA = "kasuhara.hold/1"
 #: User metadata on every object we write (sent as ``x-amz-meta-<name>``; ASCII only, never caller text).
 META_SHA256 = "sha256"
@@ -1245,6 +1247,12 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Resource": objects(RECORDINGS_PREFIX),
             },
             {
+                "Sid": "ReadCallerList",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": objects(CALLERS_PREFIX),
+            },
+            {
                 "Sid": "SeeMissingObjectsAs404",
                 "Effect": "Allow",
                 "Action": ["s3:ListBucket"],
@@ -1306,7 +1314,7 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                     "s3:AbortMultipartUpload",
                     "s3:ListMultipartUploadParts",
                 ],
-                "Resource": objects(RECORDINGS_PREFIX, HOLDS_PREFIX, AUDIT_PREFIX),
+                "Resource": objects(RECORDINGS_PREFIX, HOLDS_PREFIX, AUDIT_PREFIX, CALLERS_PREFIX),
             },
             {
                 "Sid": "HoldsAndDeletion",

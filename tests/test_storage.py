@@ -192,7 +192,10 @@ def test_policies_give_each_role_only_its_powers() -> None:
     assert "s3:PutObjectLegalHold" in service
     assert "s3:PutObjectLegalHold" not in retention, "retention must not lift holds"
     assert retention["s3:DeleteObjectVersion"] == {"arn:aws:s3:::b1/recordings/*"}
-    assert retention["s3:PutObject"] == {"arn:aws:s3:::b1/audit/*"}
+    assert retention["s3:PutObject"] == {"arn:aws:s3:::b1/audit/*", "arn:aws:s3:::b1/retention/*"}
+    assert service["s3:GetObject"] >= {"arn:aws:s3:::b1/callers/*"}, "serve reads the caller list"
+    assert "arn:aws:s3:::b1/callers/*" in admin["s3:PutObject"], "admins manage the caller list"
+    assert not any("callers" in r for r in service["s3:PutObject"]), "serve must not change the caller list"
     assert not any(r.startswith("arn:aws:s3:::b1/audit") for r in admin["s3:DeleteObjectVersion"])
     assert "s3:BypassGovernanceRetention" not in admin
     for doc in docs.values():
