@@ -150,6 +150,7 @@ class Call:
         self._destroyed: set[str] = set()
         self._dialstatus: dict[str, str] = {}  # dialled channel id -> last Dial status (BUSY, NOANSWER...)
         self._up: set[str] = set()
+        self._in_stasis: set[str] = set()
         self._playbacks: dict[str, str] = {}
         self._digits = esc.KeySequenceCollector(
             dict(deps.cfg.escalation.keys), inter_digit_timeout_s=deps.cfg.escalation.inter_digit_timeout_s
@@ -205,6 +206,8 @@ class Call:
                 cause = event.get("cause_txt") or ("left the app" if kind == "StasisEnd" else "hung up")
                 self._gone[chan] = str(cause)
                 self._on_channel_gone(chan, event)
+        elif kind == "StasisStart":
+            self._in_stasis.add(chan)
         elif kind == "ChannelStateChange":
             if (event.get("channel") or {}).get("state") == "Up":
                 self._up.add(chan)
@@ -240,6 +243,15 @@ class Call:
             event.get("cause", ""),
             event.get("type", ""),
         )
+
+    async def until_in_stasis(self, channel_id: str, timeout: float = 3.0) -> None:
+        """A channel created with /channels/create enters the app a moment after the request returns;
+        until its StasisStart, addChannel answers 422 "not in Stasis" (seen under load)."""
+        deadline = time.monotonic() + timeout
+        while channel_id not in self._in_stasis and not self.channel_gone(channel_id):
+            if time.monotonic() > deadline:
+                return
+            await self.next_event(timeout=0.1)
 
     def take_agent_action(self) -> tuple[str, str] | None:
         """The next key sequence the agent completed, as (sequence, action)."""
@@ -412,6 +424,7 @@ class Call:
             )
             self.record.end_reason = "agent_unreachable"
             return False
+        await self.until_in_stasis(agent_id)
         await ari.add_to_bridge(self.bridge_id, agent_id, absorb_dtmf=True, role="agent")
         await self._quietly(ari.ring(self.caller.id))
         timeout = cfg.routing.dial_timeout_s

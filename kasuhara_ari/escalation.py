@@ -86,6 +86,7 @@ class EscalationRunner:
         self._joined_leg: str | None = None
         self._dialstatus: dict[str, str] = {}  # supervisor leg -> last Dial status
         self._causes: dict[str, int] = {}  # supervisor leg -> Q.850 cause of its end
+        self._destroyed: set[str] = set()
         self.supervisor_joined: str | None = None
         self.in_progress = False
 
@@ -99,6 +100,8 @@ class EscalationRunner:
             if peer in self._supervisor_legs and event.get("dialstatus"):
                 self._dialstatus[peer] = str(event["dialstatus"])
         elif kind in _END_EVENTS and channel_id in self._supervisor_legs:
+            if kind == "ChannelDestroyed":
+                self._destroyed.add(channel_id)
             if "cause" in event and (kind == "ChannelDestroyed" or channel_id not in self._causes):
                 self._causes[channel_id] = int(event.get("cause") or 0)
             if channel_id == self._joined_leg:
@@ -265,6 +268,7 @@ class EscalationRunner:
         call = self.call
         ari: Any = call.deps.ari
         try:
+            steps = [time.monotonic()]
             await ari.create_channel(
                 endpoint,
                 channel_id=leg,
@@ -272,10 +276,28 @@ class EscalationRunner:
                 originator=call.caller.id,
                 variables={"KASUHARA_CALL_ID": call.call_id, "KASUHARA_ROLE": "supervisor"},
             )
+            steps.append(time.monotonic())
+            await call.until_in_stasis(leg)
+            steps.append(time.monotonic())
             # In the bridge before it rings, so early media (if any) reaches the call at once; its own
             # digits are absorbed like the agent's.
             await ari.add_to_bridge(call.bridge_id, leg, absorb_dtmf=True, role="supervisor")
+            steps.append(time.monotonic())
             await ari.dial(leg, caller=call.agent_id, timeout_s=ring_timeout_s)
+            dialled = time.monotonic()
+            create_ms, stasis_ms, add_ms, dial_ms = (
+                round((b - a) * 1000, 1) for a, b in zip(steps, [*steps[1:], dialled], strict=True)
+            )
+            log.info(
+                "escalation event=supervisor_dialled call_id=%s leg=%s create_ms=%s stasis_ms=%s add_ms=%s "
+                "dial_ms=%s",
+                call.call_id,
+                leg,
+                create_ms,
+                stasis_ms,
+                add_ms,
+                dial_ms,
+            )
         except ChannelGone:
             await self._drop(leg)
             return "call_ended" if self._call_over() else "failed"
@@ -289,7 +311,8 @@ class EscalationRunner:
                 await self._drop(leg)
                 return "call_ended"
             if call.channel_gone(leg):
-                return await self._why_missed(leg)
+                rang_s = time.monotonic() - dialled
+                return await self._why_missed(leg, rang_s=rang_s, timeout_s=ring_timeout_s)
             if time.monotonic() > deadline:
                 await self._drop(leg)
                 return "no_answer"
@@ -316,17 +339,21 @@ class EscalationRunner:
                 return True
         return False
 
-    async def _why_missed(self, leg: str) -> str:
-        """The leg ended before answering: the Dial status when Asterisk gave one, else the cause."""
+    async def _why_missed(self, leg: str, *, rang_s: float, timeout_s: int) -> str:
+        """The leg ended before answering: the Dial status when Asterisk gave one, else the hangup cause,
+        else our own clock (ARI's dial timeout hangs the leg up with no NOANSWER status)."""
         call = self.call
         wait_until = time.monotonic() + 1.0  # the destruction (with its cause) follows the hangup request
-        while leg not in self._causes and leg not in self._dialstatus and time.monotonic() < wait_until:
+        while leg not in self._destroyed and time.monotonic() < wait_until:
             await call.next_event(timeout=0.2)
         status, cause = self._dialstatus.get(leg, ""), self._causes.get(leg, 0)
         if status == "BUSY" or (status in ("", "CANCEL") and cause in _BUSY_CAUSES):
             return "busy"
         if status == "NOANSWER" or (status in ("", "CANCEL") and cause in _NO_ANSWER_CAUSES):
             return "no_answer"
+        if rang_s >= timeout_s - 0.5:
+            return "no_answer"
+        log.info("escalation event=leg_failed call_id=%s status=%s cause=%s", call.call_id, status, cause)
         return "failed"
 
     async def _drop(self, leg: str) -> None:

@@ -64,6 +64,8 @@ class OutboundCall(Call):
             await self._quietly(ari.set_variable(self.caller.id, f"__{NOTICE_VAR}", "1"))
 
         await ari.answer(agent)
+        # How `kasuhara supervise` finds the agent's leg in the bridge.
+        await self._quietly(ari.set_variable(agent, "KASUHARA_ROLE", "agent"))
         await ari.add_to_bridge(self.bridge_id, self.caller.id)
         await ari.add_to_bridge(self.bridge_id, agent, absorb_dtmf=True, role="agent")
         self.record.agent_answered_at = now_iso()

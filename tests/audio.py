@@ -274,3 +274,34 @@ def write_pcm16(path: Path, samples: list[int], rate: int = 8000) -> Path:
         w.setframerate(rate)
         w.writeframes(struct.pack(f"<{len(samples)}h", *(max(-32768, min(32767, s)) for s in samples)))
     return path
+
+
+def contains_in_pieces(
+    recording: Path, prompt: Path, *, piece_s: float = 1.0, tones: tuple[float, ...] = (700.0, 1300.0)
+) -> tuple[float, float]:
+    """(median score of the prompt's pieces, offset in s of the whole prompt) anywhere in ``recording``.
+
+    Each ``piece_s`` piece of the prompt is looked for on its own, within 0.3 s of where the whole prompt
+    matched best: a recording made on a loaded box has short gaps and drifts that lower a whole-prompt
+    correlation although every part of the prompt is there."""
+    rec, rate = read_pcm16(recording)
+    pr, prate = read_pcm16(prompt)
+    assert rate == prate == 8000, (rate, prate)
+    rec_f: list[int] | list[float] = rec
+    pr_f: list[int] | list[float] = pr
+    for tone in tones:
+        rec_f = notch([int(x) for x in rec_f], rate, tone)
+        pr_f = notch([int(x) for x in pr_f], rate, tone)
+    rec_env, pr_env = envelope(rec_f, rate), envelope(pr_f, rate)
+    _, lag = best_match(rec_env, pr_env, len(rec_env))
+    step = int(piece_s * 100)
+    scores = []
+    for start in range(0, len(pr_env) - step + 1, step):
+        piece = pr_env[start : start + step]
+        if max(piece) - min(piece) < 1e-6:
+            continue
+        lo = max(0, lag + start - 30)
+        score, _ = best_match(rec_env[lo:], piece, 60)
+        scores.append(score)
+    scores.sort()
+    return (scores[len(scores) // 2] if scores else -1.0), lag / 100

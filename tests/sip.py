@@ -210,7 +210,20 @@ def dtmf_scenario(base: str, presses: Sequence[tuple[int, str]], pcap_dir: Path)
         steps.append('  <nop><action><exec rtp_stream="resume" /></action></nop>')
     marker = '  <nop test="agent_hangs_up" next="hangup" />'
     assert marker in base, "uas.xml changed: update dtmf_scenario"
-    return base.replace(marker, "\n".join(steps) + "\n" + marker)
+    return digits_from_audio_port(base).replace(marker, "\n".join(steps) + "\n" + marker)
+
+
+def digits_from_audio_port(scenario: str) -> str:
+    """A scenario whose key presses leave from its audio port.
+
+    SIPp sends play_pcap_audio packets from the port of [media_port], and from port 0 when the scenario
+    never mentions it; Asterisk's strict RTP then drops the digits once the bridge changes (a supervisor
+    joins). Naming [media_port] on an "audio" SDP line makes them leave from the audio stream's port, like a
+    real phone's (for a SIPp instance's first call at a time both come from -mp).
+    """
+    ptime = "      a=ptime:20\n"
+    assert scenario.count(ptime) == 1, "scenario changed: update digits_from_audio_port"
+    return scenario.replace(ptime, ptime + "      a=x-kasuhara-dtmf-audio-port:[media_port]\n")
 
 
 def answering(

@@ -17,11 +17,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner, Result
-from recordings_seed import Seeded, all_versions, cli_env, hold, live_keys, read_json, seed
 
 from kasuhara_ari.cli import main
 from kasuhara_ari.storage import AUDIT_PREFIX, MinioStore
 
+from recordings_seed import Seeded, all_versions, cli_env, hold, live_keys, read_json, seed
 from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 
 TOKYO = ZoneInfo("Asia/Tokyo")

@@ -82,6 +82,7 @@ class FakeAri:
         self, endpoint: str, *, channel_id: str, app_args: str = "", originator=None, variables=None
     ):
         self.ops.append(("create", (endpoint, channel_id)))
+        self._send({"type": "StasisStart", "channel": {"id": channel_id}, "args": app_args.split(",")})
         return Channel(channel_id, endpoint, "Down", "", "", "ja")
 
     async def dial(self, channel_id: str, *, caller=None, timeout_s=None) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_inbound_sip import event_names, wait_for_calls, wait_for_files
 
 from kasuhara_ari.callers import CallerList, CallerListError, CallerPolicy, RepeatCallers, make_entry
 from kasuhara_ari.config import Config, PolicyConfig
 
 from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 from sip import agent_port, answering, caller
+from test_inbound_sip import event_names, wait_for_calls, wait_for_files
 
 
 def test_numbers_match_in_e164_and_domestic_form() -> None:

@@ -16,12 +16,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from click.testing import CliRunner, Result
-from recordings_seed import Seeded, cli_env, read_json, seed
 from uploader_helpers import wav_bytes
 
 from kasuhara_ari.cli import main
 from kasuhara_ari.storage import AUDIT_PREFIX, MinioStore
 
+from recordings_seed import Seeded, cli_env, read_json, seed
 from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 
 pytestmark = pytest.mark.integration

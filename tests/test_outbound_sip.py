@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_inbound_sip import NOTICE_JA, event_names, wait_for_calls, wait_for_files
 
 from kasuhara_ari.config import Config
 
 from audio import contains_at_start, duration_s, header_is_final
 from sip import agent_port, answering, caller
+from test_inbound_sip import NOTICE_JA, event_names, wait_for_calls, wait_for_files
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from recordings_seed import all_versions, hold, legal_hold_only, live_keys, read_json, seed
 
 from kasuhara_ari.audit import AuditLog, audit_key, is_audit_key
 from kasuhara_ari.events import MemoryEvents
@@ -35,6 +34,8 @@ from kasuhara_ari.search import (
     utc_days,
 )
 from kasuhara_ari.storage import MemoryStore, PreconditionFailed, day_prefix
+
+from recordings_seed import all_versions, hold, legal_hold_only, live_keys, read_json, seed
 
 TOKYO = ZoneInfo("Asia/Tokyo")
 NEW_YORK = ZoneInfo("America/New_York")

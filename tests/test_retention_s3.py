@@ -14,6 +14,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+
+from kasuhara_ari.audit import AuditLog
+from kasuhara_ari.events import MemoryEvents
+from kasuhara_ari.retention import LEASE_KEY, RetentionSweep, cutoff_for
+from kasuhara_ari.storage import AUDIT_PREFIX, MinioStore, PreconditionFailed
+
 from recordings_seed import (
     REPO,
     all_versions,
@@ -27,12 +33,6 @@ from recordings_seed import (
     seed,
     seed_many,
 )
-
-from kasuhara_ari.audit import AuditLog
-from kasuhara_ari.events import MemoryEvents
-from kasuhara_ari.retention import LEASE_KEY, RetentionSweep, cutoff_for
-from kasuhara_ari.storage import AUDIT_PREFIX, MinioStore, PreconditionFailed
-
 from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 
 pytestmark = pytest.mark.integration
