@@ -41,7 +41,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from .agi_server import AgiCommandError, AgiError, AgiHangup, AgiLimits, AgiServer, AgiSession
 from .ami import AmiClient, AmiError
 from .config import Config, ConfigError
-from .events import EventSink, MqttEvents, NullEvents, now_iso
+from .events import EventSink, now_iso
 from .recording import MIXMONITOR_ID_VAR, CallRecord, Recorder, write_json_atomic
 from .safe import (
     clean_caller_name,
@@ -60,7 +60,7 @@ from .safe import (
     is_safe_call_id,
     safe_call_id,
 )
-from .uploader import Uploader, build_uploader
+from .service import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -714,7 +714,7 @@ def agi_limits(cfg: Config) -> AgiLimits:
         raise ConfigError(str(exc)) from None
 
 
-class AgiService:
+class AgiService(Runtime):
     """Everything ``kasuhara agi`` runs, owned by one TaskGroup: the FastAGI server, the call-end watch
     (AMI), the uploader and the event publisher. Tests run it in-process with their own sinks."""
 
@@ -725,11 +725,10 @@ class AgiService:
         events: EventSink | None = None,
         on_metadata: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        self.cfg = cfg
         if cfg.agi.reconcile_interval_s <= 0 or cfg.agi.notice_timeout_s <= 0:
             raise ConfigError("agi.reconcile_interval_s and agi.notice_timeout_s must be positive")
         limits = agi_limits(cfg)
-        self.ami = AmiClient(
+        ami = AmiClient(
             cfg.ami.host,
             cfg.ami.port,
             cfg.ami.username,
@@ -737,48 +736,18 @@ class AgiService:
             action_timeout_s=cfg.ami.action_timeout_s,
             events=True,  # the end of a legacy call is known only from AMI's Hangup event
         )
-        self.recorder = Recorder(self.ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
-        self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
-        self._closers: list[Callable[[], Awaitable[Any]]] = []
-        self.events: EventSink = events if events is not None else self._default_events()
-        self.uploader: Uploader | None = None
+        super().__init__(cfg, ami, events=events)
         notify = on_metadata
         if on_metadata is None and cfg.storage.enabled:
-            self.uploader = build_uploader(cfg, self.events)
-            self._runners.append(self.uploader.run)
-            notify = self.uploader.notify
+            notify = self._start_uploader().notify
         self.pending = PendingCalls(cfg.recording.host_dir / PENDING_DIR)
         self.watch = CallEndWatch(cfg, self.ami, self.recorder, self.events, self.pending, on_metadata=notify)
         self.flow = AgiCallFlow(cfg, self.recorder, self.watch)
         self.server = AgiServer(self.flow, cfg.agi.bind, cfg.agi.port, limits)
 
-    def _default_events(self) -> EventSink:
-        if not self.cfg.mqtt.enabled:
-            return NullEvents()
-        publisher = MqttEvents(self.cfg.mqtt)
-        self._runners.append(publisher.run)
-        self._closers.append(lambda: publisher.close(timeout=3))
-        return publisher
-
     async def run(self) -> None:
         await self.watch.restore()
-        self.ami.connect()
-        with contextlib.suppress(AmiError):
-            await self.ami.wait_ready(timeout=3)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.server.serve(), name="agi-server")
-                tasks.create_task(self.watch.run(), name="agi-call-end-watch")
-                for runner in self._runners:
-                    tasks.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
-        finally:
-            await self.aclose()
-
-    async def aclose(self) -> None:
-        for closer in self._closers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(closer(), 6)
-        self.ami.close()
+        await self._run_with((self.server.serve, "agi-server"), (self.watch.run, "agi-call-end-watch"))
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .announcement import PlayOutcome, sound_media
+from .announcement import PlayOutcome
 from .ari import AriError, ChannelGone
 from .events import now_iso
 from .recording import Escalation
@@ -177,27 +177,9 @@ class EscalationRunner:
     async def _play_on_bridge(self, sound: str, *, tag: str) -> PlayOutcome:
         """Both parties hear it, and so does the recording (MixMonitor is on the caller's channel)."""
         call = self.call
-        ari: Any = call.deps.ari
-        playback_id = f"{tag}-{int(time.monotonic() * 1000)}"
-        try:
-            await ari.play_on_bridge(
-                call.bridge_id,
-                sound_media(sound),
-                lang=call.deps.cfg.announcement.language,
-                playback_id=playback_id,
-            )
-        except AriError as exc:
-            log.error("escalation event=play_failed call_id=%s error=%s", call.call_id, exc)
-            return PlayOutcome.FAILED
-        waited = 0.0
-        while call.playback_state(playback_id) is None:
-            if call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or ""):
-                return PlayOutcome.HUNG_UP
-            if waited > 60:
-                return PlayOutcome.FAILED
-            if not await call.next_event(timeout=0.5):
-                waited += 0.5
-        return PlayOutcome.FINISHED if call.playback_state(playback_id) == "done" else PlayOutcome.FAILED
+        return await call.deps.notices.play_on_bridge(
+            call, call.bridge_id, sound, tag=tag, parties=(call.caller.id, call.agent_id or "")
+        )
 
     async def _supervisor(self, key: str) -> bool:
         """Ring supervisors in order; the first who answers hears the intro and joins the bridge."""

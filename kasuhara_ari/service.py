@@ -21,7 +21,54 @@ from .uploader import Uploader, build_uploader
 log = logging.getLogger(__name__)
 
 
-class Service:
+class Runtime:
+    """What every long-running command (``serve``, ``agi``) shares: an AMI connection, an event publisher,
+    an uploader, and background runners owned by one TaskGroup with their closers."""
+
+    def __init__(self, cfg: Config, ami: AmiClient, *, events: EventSink | None) -> None:
+        self.cfg = cfg
+        self.ami = ami
+        self.recorder = Recorder(ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
+        self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+        self.events: EventSink = events if events is not None else self._default_events()
+        self.uploader: Uploader | None = None
+
+    def _default_events(self) -> EventSink:
+        if not self.cfg.mqtt.enabled:
+            return NullEvents()
+        publisher = MqttEvents(self.cfg.mqtt)
+        self._runners.append(publisher.run)
+        self._closers.append(lambda: publisher.close(timeout=3))
+        return publisher
+
+    def _start_uploader(self) -> Uploader:
+        self.uploader = build_uploader(self.cfg, self.events)
+        self._runners.append(self.uploader.run)
+        return self.uploader
+
+    async def _run_with(self, *main: tuple[Callable[[], Coroutine[Any, Any, Any]], str]) -> None:
+        """Connect AMI (it keeps retrying on its own), then run ``main`` and every runner until cancelled."""
+        self.ami.connect()
+        with contextlib.suppress(AmiError):
+            await self.ami.wait_ready(timeout=3)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for factory, name in main:
+                    tasks.create_task(factory(), name=name)
+                for runner in self._runners:
+                    tasks.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        for closer in self._closers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closer(), 6)
+        self.ami.close()
+
+
+class Service(Runtime):
     """Everything ``serve`` runs, owned by one TaskGroup. Tests run it in-process with their own sinks."""
 
     def __init__(
@@ -31,7 +78,6 @@ class Service:
         events: EventSink | None = None,
         on_metadata: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
-        self.cfg = cfg
         self.ari = AriClient(
             cfg.ari.url,
             cfg.ari.username,
@@ -40,25 +86,19 @@ class Service:
             timeout=cfg.ari.request_timeout_s,
             reconnect_max_s=cfg.ari.reconnect_max_s,
         )
-        self.ami = AmiClient(
+        ami = AmiClient(
             cfg.ami.host,
             cfg.ami.port,
             cfg.ami.username,
             cfg.ami.secret,
             action_timeout_s=cfg.ami.action_timeout_s,
         )
-        self.recorder = Recorder(self.ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
-        self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
-        self._closers: list[Callable[[], Awaitable[Any]]] = []
-        self.events: EventSink = events if events is not None else self._default_events()
-        self.uploader: Uploader | None = None
+        super().__init__(cfg, ami, events=events)
         notify = on_metadata
         hold = None
         if on_metadata is None and cfg.storage.enabled:
-            self.uploader = build_uploader(cfg, self.events)
-            self._runners.append(self.uploader.run)
-            notify = self.uploader.notify
-            uploader = self.uploader
+            uploader = self._start_uploader()
+            notify = uploader.notify
 
             async def hold(call_id: str, reason: str, by: str, started_at: str) -> object:
                 return await uploader.hold(call_id, reason, by, started_at=started_at)
@@ -78,14 +118,6 @@ class Service:
             self._runners.append(policy.run)
         return policy
 
-    def _default_events(self) -> EventSink:
-        if not self.cfg.mqtt.enabled:
-            return NullEvents()
-        publisher = MqttEvents(self.cfg.mqtt)
-        self._runners.append(publisher.run)
-        self._closers.append(lambda: publisher.close(timeout=3))
-        return publisher
-
     async def _watch_ami(self) -> None:
         """Log AMI's state changes so an operator sees why recordings would fail."""
         was_ready: bool | None = None
@@ -99,21 +131,8 @@ class Service:
             await asyncio.sleep(1.0)
 
     async def run(self) -> None:
-        self.ami.connect()
-        with contextlib.suppress(AmiError):
-            await self.ami.wait_ready(timeout=3)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.app.run(), name="stasis")
-                tasks.create_task(self._watch_ami(), name="ami-watch")
-                for runner in self._runners:
-                    tasks.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
-        finally:
-            await self.aclose()
+        await self._run_with((self.app.run, "stasis"), (self._watch_ami, "ami-watch"))
 
     async def aclose(self) -> None:
-        for closer in self._closers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(closer(), 6)
-        self.ami.close()
+        await super().aclose()
         await self.ari.aclose()
