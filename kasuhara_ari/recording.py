@@ -30,11 +30,6 @@ class RecordingError(Exception):
     """MixMonitor could not be started."""
 
 
-def check_call_id(call_id: str) -> str:
-    """Return ``call_id`` if it is safe in a path, key, shell command and MQTT topic; raise otherwise."""
-    return safe_call_id(call_id)
-
-
 @dataclass(frozen=True)
 class SpoolPaths:
     """Where one call's files live, as Asterisk sees them and as this host reads them."""
@@ -79,12 +74,12 @@ class Recorder:
         self.host_dir = host_dir
 
     def paths(self, call_id: str) -> SpoolPaths:
-        return SpoolPaths(self.asterisk_dir, self.host_dir, check_call_id(call_id))
+        return SpoolPaths(self.asterisk_dir, self.host_dir, safe_call_id(call_id))
 
     async def start(self, channel_name: str, call_id: str) -> SpoolPaths:
         """Start recording ``channel_name`` (both directions mixed) into the spool."""
         paths = self.paths(call_id)
-        # Both the directory and the id are checked for shell-safe characters (config + check_call_id).
+        # Both the directory and the id are checked for shell-safe characters (config + safe_call_id).
         command = f"touch {paths.asterisk_marker}"
         await self._ami.mixmonitor(
             channel_name, paths.asterisk_audio, options=f"i({MIXMONITOR_ID_VAR})", command=command

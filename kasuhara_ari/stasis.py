@@ -20,7 +20,8 @@ from .callers import CallerPolicy
 from .config import Config
 from .events import EventSink
 from .outbound import OutboundCall
-from .recording import Recorder, check_call_id
+from .recording import Recorder
+from .safe import safe_call_id
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,13 @@ class StasisApp:
     def _start_call(self, event: Event, channel: Channel, args: list[str]) -> None:
         linkedid = str((event.get("channel") or {}).get("linkedid") or channel.id)
         try:
-            call_id = check_call_id(linkedid)
+            call_id = safe_call_id(linkedid)
         except ValueError:
             log.error("stasis event=bad_call_id channel=%s", channel.id)
             self._spawn(self._return_to_dialplan(channel.id), "return")
             return
         if call_id in self.calls:
-            call_id = check_call_id(f"{call_id}-{channel.id}"[:128])
+            call_id = safe_call_id(f"{call_id}-{channel.id}"[:128])
         target = args[1] if len(args) > 1 and args[1] else ""
         call: Call
         if args[0] == "outbound":

@@ -40,7 +40,7 @@ import aiomqtt
 from .ari import CONNECTED, AriClient, AriError, ChannelGone
 from .config import Config, MqttConfig
 from .events import EventSink, build_payload, encode, topic_for
-from .recording import check_call_id
+from .safe import safe_call_id
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SupervisionSession:
     ) -> None:
         snoop_directions(mode)  # ValueError for an unknown mode
         self.cfg = cfg
-        self.call_id = check_call_id(call_id)
+        self.call_id = safe_call_id(call_id)
         self.mode = mode
         self.endpoint = endpoint
         self.events = events

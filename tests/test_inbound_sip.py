@@ -184,17 +184,8 @@ async def test_agent_unreachable_caller_hears_apology(
     service_factory: Any, call_cfg: Config, sip_workdir: Path, scenario: str, reason: str
 ) -> None:
     service = await service_factory(fast_dial(call_cfg))
-    port = agent_port()
-    agent = await answering(sip_workdir, port, scenario=scenario).start()
     # The caller would talk for a minute: the call must end from our side (BYE after the apology).
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=60000).start()
-    try:
-        assert await phone.wait(40) == 0, phone.error_text()
-        assert await agent.wait(10) == 0, agent.error_text()
-    finally:
-        await phone.stop()
-        await agent.stop()
-    (call_id,) = await wait_for_calls(service, 1, port)
+    call_id, phone, _ = await place_call(service, sip_workdir, call_ms=60000, scenario=scenario)
     names = event_names(service, call_id)
     assert names[-2:] == ["agent_unavailable", "ended"], names
     assert "agent_answered" not in names
