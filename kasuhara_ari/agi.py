@@ -4,7 +4,7 @@ One call, as the caller experiences it:
 
 ``answering``    the AGI answers and starts MixMonitor on the caller's channel — through AMI with the
                  Stasis flow's :class:`~kasuhara_ari.recording.Recorder` (same file, same ``.done``
-                 completion command); if AMI is away, the same MixMonitor through the AGI session itself.
+                 completion marker); if AMI is away, the same MixMonitor through the AGI session itself.
                  Recording starts before the notice, so the recording proves the notice was given.
 ``notice``       the notice in ``announcement.language``, once per call: a channel that carries
                  ``KASUHARA_NOTICE_PLAYED`` (inherited from a leg that heard it) is not told again.
@@ -664,11 +664,12 @@ class AgiCallFlow:
             if not started:
                 via = "agi"
                 paths = self.recorder.paths(call.call_id)
-                # The same file, option and completion command as Recorder.start (both directory and id
+                # The same file, option and completion (if any) as Recorder.start (both directory and id
                 # are restricted to shell- and argument-safe characters).
+                command = self.recorder.completion_command(paths)
                 await session.command(
-                    f'EXEC MixMonitor "{paths.asterisk_audio},i({MIXMONITOR_ID_VAR}),'
-                    f'touch {paths.asterisk_marker}"'
+                    f'EXEC MixMonitor "{paths.asterisk_audio},i({MIXMONITOR_ID_VAR})'
+                    + (f',{command}"' if command else '"')
                 )
                 started = await self._mixmonitor_running(session)
         if started:

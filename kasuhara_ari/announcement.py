@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import time
 import uuid
 from typing import Any, Protocol
 
@@ -44,7 +45,7 @@ class Waiter(Protocol):
 
     def channel_gone(self, channel_id: str) -> bool: ...
 
-    async def next_event(self, timeout: float) -> bool:
+    async def next_event(self, timeout: float | None) -> bool:
         """Absorb one more event into the call's state; False on timeout."""
         ...
 
@@ -72,17 +73,16 @@ class NoticePlayer:
         except AriError as exc:
             log.error("announcement event=play_failed channel=%s sound=%s error=%s", channel_id, sound, exc)
             return PlayOutcome.FAILED
-        waited = 0.0
+        deadline = time.monotonic() + self.max_prompt_s
         while (state := waiter.playback_state(playback_id)) is None:
             if waiter.channel_gone(channel_id):
                 return PlayOutcome.HUNG_UP
-            if waited >= self.max_prompt_s:
+            if time.monotonic() >= deadline:
                 log.error("announcement event=stuck channel=%s sound=%s", channel_id, sound)
                 with contextlib.suppress(AriError):
                     await self._ari.stop_playback(playback_id)
                 return PlayOutcome.FAILED
-            if not await waiter.next_event(timeout=1.0):
-                waited += 1.0
+            await waiter.next_event(timeout=deadline - time.monotonic())
         if waiter.channel_gone(channel_id):
             return PlayOutcome.HUNG_UP
         if state != "done":
@@ -105,14 +105,13 @@ class NoticePlayer:
                 "announcement event=bridge_play_failed bridge=%s sound=%s error=%s", bridge_id, sound, exc
             )
             return PlayOutcome.FAILED
-        waited = 0.0
+        deadline = time.monotonic() + self.max_prompt_s
         while (state := waiter.playback_state(playback_id)) is None:
             if any(waiter.channel_gone(p) for p in parties):
                 return PlayOutcome.HUNG_UP
-            if waited >= self.max_prompt_s:
+            if time.monotonic() >= deadline:
                 with contextlib.suppress(AriError):
                     await self._ari.stop_playback(playback_id)
                 return PlayOutcome.FAILED
-            if not await waiter.next_event(timeout=1.0):
-                waited += 1.0
+            await waiter.next_event(timeout=deadline - time.monotonic())
         return PlayOutcome.FINISHED if state == "done" else PlayOutcome.FAILED

@@ -40,6 +40,8 @@ class AriConfig:
     app: str = "kasuhara"
     request_timeout_s: float = 5.0
     reconnect_max_s: float = 10.0
+    #: REST requests over the event websocket when Asterisk answers there (20.12/21.7/22.2+), else HTTP.
+    rest_over_websocket: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class MqttConfig:
     password: str = secret()
     buffer_size: int = 10000
     enabled: bool = True
+    #: After a quiet spell, wait this long so the events of a burst go out in one window (0: at once).
+    linger_ms: int = 20
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class RoutingConfig:
 class RecordingConfig:
     asterisk_dir: str = "/var/spool/asterisk/monitor/kasuhara"
     local_dir: str = ""
+    #: How a closed recording is noticed: "watch" (inotify + WAV header; no fork in Asterisk) or
+    #: "command" (MixMonitor runs ``touch <id>.done``: Asterisk forks a shell per call).
+    completion: str = "watch"
 
     @property
     def host_dir(self) -> Path:
@@ -292,12 +299,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("policy.warn_before_s: must be between 0 and policy.time_budget_s")
     if pol.repeat_calls < 0 or pol.repeat_window_days < 1:
         raise ConfigError("policy.repeat_calls / repeat_window_days: repeat_calls >= 0, window >= 1 day")
+    if not 0 <= cfg.mqtt.linger_ms <= 1000:
+        raise ConfigError(f"mqtt.linger_ms: must be between 0 and 1000, got {cfg.mqtt.linger_ms}")
     if cfg.retention.days < 1:
         raise ConfigError(f"retention.days: must be at least 1, got {cfg.retention.days}")
     if not cfg.ari.url.startswith(("http://", "https://")):
         raise ConfigError(f"ari.url: must start with http:// or https://, got {cfg.ari.url!r}")
     if not cfg.recording.asterisk_dir.startswith("/"):
         raise ConfigError("recording.asterisk_dir: must be an absolute path")
+    if cfg.recording.completion not in ("watch", "command"):
+        raise ConfigError(
+            f"recording.completion: must be 'watch' or 'command', got {cfg.recording.completion!r}"
+        )
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "

@@ -13,8 +13,8 @@ from .ari import AriClient
 from .callers import CallerPolicy
 from .config import Config
 from .events import EventSink, MqttEvents, NullEvents
-from .recording import Recorder
-from .stasis import StasisApp
+from .recording import CompletionWatcher, Recorder
+from .stasis import STASIS_EVENTS, StasisApp
 from .storage import MinioStore
 from .uploader import Uploader, build_uploader
 
@@ -28,11 +28,21 @@ class Runtime:
     def __init__(self, cfg: Config, ami: AmiClient, *, events: EventSink | None) -> None:
         self.cfg = cfg
         self.ami = ami
-        self.recorder = Recorder(ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
+        self.recorder = Recorder(
+            ami, cfg.recording.asterisk_dir, cfg.recording.host_dir, completion=cfg.recording.completion
+        )
         self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._closers: list[Callable[[], Awaitable[Any]]] = []
         self.events: EventSink = events if events is not None else self._default_events()
         self.uploader: Uploader | None = None
+        self.completion: CompletionWatcher | None = None
+        if cfg.recording.completion == "watch":
+            self.completion = CompletionWatcher(cfg.recording.host_dir, self._recording_closed)
+            self._runners.append(self.completion.run)
+
+    async def _recording_closed(self, call_id: str) -> None:
+        if self.uploader is not None:
+            await self.uploader.notify(call_id)
 
     def _default_events(self) -> EventSink:
         if not self.cfg.mqtt.enabled:
@@ -85,6 +95,8 @@ class Service(Runtime):
             cfg.ari.app,
             timeout=cfg.ari.request_timeout_s,
             reconnect_max_s=cfg.ari.reconnect_max_s,
+            rest_over_websocket=cfg.ari.rest_over_websocket,
+            event_types=STASIS_EVENTS,
         )
         ami = AmiClient(
             cfg.ami.host,

@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 
+#: The ARI events calls use (Asterisk sends no others: ``AriClient(event_types=...)``). Everything else
+#: (variable sets, dialplan steps, bridge entries, caller-ID updates...) would be parsed only to be dropped.
+STASIS_EVENTS = frozenset(
+    {
+        "StasisStart",
+        "StasisEnd",
+        "ChannelStateChange",
+        "ChannelHangupRequest",
+        "ChannelDestroyed",
+        "ChannelDtmfReceived",
+        "Dial",
+        "PlaybackFinished",
+    }
+)
+
 
 class StasisApp:
     def __init__(
@@ -83,7 +98,7 @@ class StasisApp:
             self._spawn(self.resync(), "resync")
         elif kind == "StasisStart":
             self.stasis_start(event)
-        elif kind in ("PlaybackStarted", "PlaybackFinished"):
+        elif kind == "PlaybackFinished":
             self.playback_event(event)
         else:
             self.channel_event(event)

@@ -109,6 +109,7 @@ class SupervisionSession:
             self.app,
             timeout=cfg.ari.request_timeout_s,
             reconnect_max_s=cfg.ari.reconnect_max_s,
+            rest_over_websocket=cfg.ari.rest_over_websocket,
         )
         self.call_bridge = f"kasuhara-{self.call_id}"
         self.leg = f"{self.call_id}-sv-{token}"

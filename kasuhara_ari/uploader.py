@@ -18,17 +18,24 @@ the evidence still reaches the bucket.
 One upload, in this order (each step idempotent, so a crash anywhere is repaired by running it again):
 
 1. the hold record, if the call is flagged (before anything else: the deletion guard refuses on it);
-2. the audio: hashed in a first streaming pass, skipped if the bucket already has this key with the same
-   size and sha256, else streamed up (re-hashed while sending; a file that changed aborts the upload before
-   it completes), then verified with HEAD (size + ``x-amz-meta-sha256``), then legal hold if flagged;
+2. the audio: hashed in a first streaming pass (sha256 and MD5), skipped if the bucket already has this key
+   with the same size and sha256, else streamed up (re-hashed while sending; a file that changed aborts the
+   upload before it completes), then verified, then legal hold if flagged;
 3. the metadata (audio key/bytes/sha256 filled in) — last, so a reader that sees the ``.json`` object sees a
    complete recording; skipped if already there for this audio (``x-amz-meta-audio-sha256``); verified;
 4. holds asked for during the upload; then the event ``recording_stored``;
 5. local files removed: ``.wav``, ``.done``, ``.json``, and the ``.hold`` marker last.
 
+*Verified*: the ETag of a single-part put is the MD5 of what the server received; when the store says its
+ETags are MD5s (no SSE-C, one part) and it equals ours, that is the proof. Otherwise the object is read back
+(HEAD: size and ``x-amz-meta-sha256``). *Looked up first* (step 2 and 3's "already there"): only for a call
+that is not *fresh* — found by the first scan after start (a crash may have stored it) or after a failed
+attempt. A fresh recording costs two requests instead of six.
+
 Failures leave everything in place and retry with capped exponential backoff, forever. On start the whole
-spool is scanned, so whatever a crash left behind is picked up. ``notify(call_id)`` wakes the worker at
-once; a poll every ``poll_interval_s`` is the safety net.
+spool is scanned, so whatever a crash left behind is picked up. ``notify(call_id)`` makes the worker look
+at that call at once; between full scans (every ``poll_interval_s``, the safety net) only notified calls
+and due retries are looked at.
 """
 
 from __future__ import annotations
@@ -64,11 +71,12 @@ from .storage import (
     MinioStore,
     ObjectInfo,
     ObjectStore,
+    PutResult,
     RecordingHolds,
     RecordingKeys,
     StorageError,
     StorageRefused,
-    hash_file,
+    hash_file_md5,
     parse_started_at,
     recording_keys,
 )
@@ -277,6 +285,18 @@ class Spool:
                 path.unlink()
         _fsync_dir(self.directory)
 
+    def finish(self, call_id: str, applied: HoldRecord | None) -> HoldRecord | None:
+        """After a verified upload: remove the call's files (its hold marker last), unless a hold request
+        other than ``applied`` arrived meanwhile. Then nothing is removed and that request is returned:
+        apply it and call again."""
+        current = self.read_hold(call_id)
+        if current is not None and current != applied:
+            return current
+        self.remove_recording(call_id)
+        if current is not None:
+            self.remove_hold(call_id, current)
+        return None
+
     def remove_hold(self, call_id: str, applied: HoldRecord) -> bool:
         """Remove the hold marker if it is still the one that was applied (a newer one stays)."""
         current = self.read_hold(call_id)
@@ -479,6 +499,9 @@ class _Track:
     attempts: int = 0
     not_before: float = 0.0
     last_reason: str = ""
+    #: Its files appeared while this uploader ran and no attempt failed: the bucket cannot hold its
+    #: objects yet, so nothing is read back before uploading (6 S3 requests per recording become 2).
+    fresh: bool = False
 
 
 @dataclass
@@ -500,7 +523,7 @@ class Uploader:
         events: EventSink,
         *,
         spool: Spool | None = None,
-        poll_interval_s: float = 0.5,
+        poll_interval_s: float = 5.0,
         coalesce_s: float = 0.2,
         concurrency: int = 2,
         timing: Timing | None = None,
@@ -525,7 +548,12 @@ class Uploader:
         self._wake = asyncio.Event()
         self._active: set[str] = set()
         self._track: dict[str, _Track] = {}
-        self._hash_cache: dict[tuple[str, int, int, int], str] = {}
+        self._hash_cache: dict[tuple[str, int, int, int], tuple[str, str]] = {}
+        #: Whatever the first scan finds may be left from before (a crash): it is never fresh.
+        self._scanned_once = False
+        #: Call ids to look at on the next pass (notified, or ready but waiting for a free slot).
+        self._due: set[str] = set()
+        self._next_full = 0.0
         self._meta_cache: dict[str, tuple[tuple[int, int], Mapping[str, Any] | InvalidMetadata]] = {}
         self._lock_fd: int | None = None
 
@@ -536,7 +564,11 @@ class Uploader:
         if not is_safe_call_id(call_id):
             log.warning("upload event=notify_ignored reason=unsafe_call_id")
             return
-        self._track.setdefault(call_id, _Track()).not_before = 0.0
+        track = self._track.get(call_id)
+        if track is None:
+            track = self._track[call_id] = _Track(fresh=self._scanned_once)
+        track.not_before = 0.0
+        self._due.add(call_id)
         self._wake.set()
 
     async def hold(self, call_id: str, reason: str, by: str, *, started_at: datetime | str) -> HoldRecord:
@@ -563,18 +595,34 @@ class Uploader:
         )
         try:
             async with asyncio.TaskGroup() as tasks:
+                full = True
                 while True:
                     self._wake.clear()
-                    await self._schedule(tasks)
-                    woken = False
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.poll_interval_s):
-                            await self._wake.wait()
-                            woken = True
-                    if woken and self.coalesce_s > 0:
-                        await asyncio.sleep(self.coalesce_s)
+                    if full:
+                        self._next_full = time.monotonic() + self.poll_interval_s
+                        await self._schedule(tasks, None)
+                    else:
+                        ids, self._due = self._due, set()
+                        await self._schedule(tasks, ids | self._retries_due(time.monotonic()))
+                    full = await self._sleep()
         finally:
             self._release_lock()
+
+    async def _sleep(self) -> bool:
+        """Until woken (a notify, a finished upload) or a retry falls due; True when the periodic full
+        scan of the spool is due. Between full scans only the call ids that were named are looked at:
+        under load a scan of the whole spool per burst of finished calls cost more than the uploads."""
+        retries = [t.not_before for t in self._track.values() if t.not_before > 0]
+        until = min([self._next_full, *retries])
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                await self._wake.wait()
+                if self.coalesce_s > 0:
+                    await asyncio.sleep(self.coalesce_s)  # calls end in bursts: one pass per burst
+        return time.monotonic() >= self._next_full
+
+    def _retries_due(self, now: float) -> set[str]:
+        return {cid for cid, t in self._track.items() if 0 < t.not_before <= now and cid not in self._active}
 
     async def wait_empty(self, poll_s: float = 0.1) -> None:
         """Return once the spool holds no recording and no hold marker (for drains and tests)."""
@@ -629,30 +677,46 @@ class Uploader:
         self._meta_cache[state.call_id] = (stamp, value)
         return value
 
-    def _plan(self) -> list[tuple[LocalState, Decision]]:
-        """Blocking: scan and decide (runs in a thread)."""
+    def _plan(self, ids: set[str] | None) -> list[tuple[LocalState, Decision]]:
+        """Blocking: look (the whole spool, or only ``ids``) and decide (runs in a thread)."""
         now = self.clock()
-        states = self.spool.scan()
-        for gone in set(self._meta_cache) - set(states):
-            del self._meta_cache[gone]
+        if ids is None:
+            states = self.spool.scan()
+            looked: set[str] = set(self._meta_cache)
+        else:
+            states = {}
+            for cid in ids:
+                state = self.spool.inspect(cid)
+                if state.wav or state.done or state.json or state.hold:
+                    states[cid] = state
+            looked = ids
+        for gone in looked - set(states):
+            self._meta_cache.pop(gone, None)
         plan = [(s, decide(s, self._metadata_for(s), now, self.timing)) for s in states.values()]
         plan.sort(key=lambda item: item[0].oldest)
         return plan
 
-    async def _schedule(self, tasks: asyncio.TaskGroup) -> None:
+    async def _schedule(self, tasks: asyncio.TaskGroup, ids: set[str] | None) -> None:
+        """Start what is ready: of the whole spool (``ids`` None), or of the named call ids."""
+        if ids is not None and not ids:
+            return
         try:
-            plan = await asyncio.to_thread(self._plan)
+            plan = await asyncio.to_thread(self._plan, ids)
         except OSError as exc:
             log.error("upload event=scan_failed spool=%s error=%s", self.spool.directory, exc)
             return
         present = {s.call_id for s, _ in plan}
-        for cid in list(self._track):
+        for cid in list(self._track) if ids is None else ids:
             if cid not in present and cid not in self._active:
-                del self._track[cid]
+                self._track.pop(cid, None)
         mono = time.monotonic()
+        first_scan = ids is None and not self._scanned_once
+        self._scanned_once = self._scanned_once or ids is None
         for state, decision in plan:
             cid = state.call_id
-            track = self._track.setdefault(cid, _Track())
+            track = self._track.get(cid)
+            if track is None:
+                track = self._track[cid] = _Track(fresh=not first_scan)
             if decision.reason != track.last_reason:
                 track.last_reason = decision.reason
                 level = logging.ERROR if decision.action is Action.INVALID else logging.DEBUG
@@ -663,12 +727,14 @@ class Uploader:
                     decision.action.value,
                     decision.reason.replace(" ", "_"),
                 )
-            if decision.action in (Action.WAIT, Action.INVALID):
-                continue
             if cid in self._active or track.not_before > mono:
                 continue
+            track.not_before = 0.0  # looked at now; a failure or RetryLater sets the next time again
+            if decision.action in (Action.WAIT, Action.INVALID):
+                continue
             if len(self._active) >= self.concurrency:
-                break
+                self._due.add(cid)  # next, when an upload finishes (it wakes the loop)
+                continue
             self._active.add(cid)
             tasks.create_task(self._run_one(cid, decision), name=f"upload-{cid}")
 
@@ -692,6 +758,7 @@ class Uploader:
             raise
         except Exception as exc:  # evidence is never dropped: every failure is retried
             track.attempts += 1
+            track.fresh = False  # part of it may be stored: look before writing again
             self.stats.failures += 1
             delay = backoff_delay(track.attempts, base_s=self.backoff_base_s, cap_s=self.backoff_cap_s)
             track.not_before = time.monotonic() + delay
@@ -722,18 +789,35 @@ class Uploader:
         if self.spool.write_metadata(call_id, doc, replace=False):
             log.warning("upload event=orphan_adopted call_id=%s started_at=%s", call_id, doc["started_at"])
 
-    def _hash(self, path: Path) -> tuple[int, str]:
+    def _hash(self, path: Path) -> tuple[int, str, str]:
+        """Size, sha256 and MD5 of the audio (one read; remembered while the file is unchanged)."""
         st = path.stat()
         stamp = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         cached = self._hash_cache.get(stamp)
         if cached is not None:
-            return st.st_size, cached
-        size, digest = hash_file(path)
+            return st.st_size, *cached
+        size, sha, md5 = hash_file_md5(path)
         if size == st.st_size:
             if len(self._hash_cache) > 1000:
                 self._hash_cache.clear()
-            self._hash_cache[stamp] = digest
-        return size, digest
+            self._hash_cache[stamp] = (sha, md5)
+        return size, sha, md5
+
+    def _is_fresh(self, call_id: str) -> bool:
+        track = self._track.get(call_id)
+        return track is not None and track.fresh and track.attempts == 0
+
+    async def _verify_put(
+        self, key: str, result: PutResult, *, size: int, sha256: str, md5: str
+    ) -> ObjectInfo | None:
+        """Prove the object holds what was sent: its ETag is the MD5 of our bytes where the server gives
+        one (returns None: nothing read back), else read back size and ``x-amz-meta-sha256``."""
+        if self.store.put_etag_is_md5(size) and result.etag == md5:
+            return None
+        info = await self.store.stat(key)
+        if info is None or info.size != size or info.metadata.get(META_SHA256) != sha256:
+            raise VerifyError(f"verify {key}: object does not match the uploaded file")
+        return info
 
     async def _store_audio(
         self, call_id: str, keys: RecordingKeys, decision: Decision, held: bool
@@ -753,16 +837,16 @@ class Uploader:
             log.warning("upload event=audio_missing call_id=%s", call_id)
             return AudioResult("missing")
         wav = self.spool.files(call_id).wav
-        size, sha = await asyncio.to_thread(self._hash, wav)
+        size, sha, md5 = await asyncio.to_thread(self._hash, wav)
         if size == 0:
             return AudioResult("empty", None, 0, None)
         status = "incomplete" if mode is AudioMode.INCOMPLETE else "stored"
-        info = await self.store.stat(keys.audio)
+        info = None if self._is_fresh(call_id) else await self.store.stat(keys.audio)
         if info is not None and info.size == size and info.metadata.get(META_SHA256) == sha:
             self.stats.skipped_existing += 1
             log.info("upload event=audio_already_stored call_id=%s key=%s", call_id, keys.audio)
         else:
-            await self.store.put_file(
+            result = await self.store.put_file(
                 keys.audio,
                 wav,
                 length=size,
@@ -770,14 +854,13 @@ class Uploader:
                 metadata={META_SHA256: sha, META_CALL_ID: call_id, META_AUDIO_STATUS: status},
                 content_type="audio/wav",
             )
-            info = await self.store.stat(keys.audio)
-            if info is None or info.size != size or info.metadata.get(META_SHA256) != sha:
-                raise VerifyError(f"verify {keys.audio}: object does not match the uploaded file")
+            info = await self._verify_put(keys.audio, result, size=size, sha256=sha, md5=md5)
         await self._ensure_legal_hold(keys.audio, info, held)
         return AudioResult(status, keys.audio, size, sha)
 
-    async def _ensure_legal_hold(self, key: str, info: ObjectInfo, held: bool) -> None:
-        if held and info.legal_hold is not True:
+    async def _ensure_legal_hold(self, key: str, info: ObjectInfo | None, held: bool) -> None:
+        """``info``: the object as read back, None when just written (so it carries no hold yet)."""
+        if held and (info is None or info.legal_hold is not True):
             await self.store.set_legal_hold(key, True)
 
     async def _store_metadata(
@@ -785,7 +868,7 @@ class Uploader:
     ) -> None:
         audio_mark = audio.sha256 or NO_AUDIO
         orphaned = "yes" if doc.get("orphaned") else "no"
-        info = await self.store.stat(keys.metadata)
+        info = None if self._is_fresh(keys.call_id) else await self.store.stat(keys.metadata)
         if (
             info is not None
             and info.metadata.get(META_AUDIO_SHA256) == audio_mark
@@ -796,7 +879,7 @@ class Uploader:
         else:
             data = encode_metadata(doc)
             sha = hashlib.sha256(data).hexdigest()
-            await self.store.put_bytes(
+            result = await self.store.put_bytes(
                 keys.metadata,
                 data,
                 metadata={
@@ -807,18 +890,20 @@ class Uploader:
                 },
                 content_type="application/json",
             )
-            info = await self.store.stat(keys.metadata)
-            if info is None or info.size != len(data) or info.metadata.get(META_SHA256) != sha:
-                raise VerifyError(f"verify {keys.metadata}: object does not match the uploaded metadata")
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            info = await self._verify_put(keys.metadata, result, size=len(data), sha256=sha, md5=md5)
         await self._ensure_legal_hold(keys.metadata, info, held)
+
+    def _read_local(self, call_id: str) -> tuple[dict[str, Any], HoldRecord | None]:
+        """Blocking: the call's metadata and hold marker (one trip to a thread for both)."""
+        return self.spool.read_metadata(call_id), self.spool.read_hold(call_id)
 
     async def _upload(self, call_id: str, decision: Decision) -> None:
         try:
-            metadata = await asyncio.to_thread(self.spool.read_metadata, call_id)
+            metadata, marker = await asyncio.to_thread(self._read_local, call_id)
         except FileNotFoundError:
             return  # gone meanwhile (removed by hand?): the next scan decides again
         keys = recording_keys(call_id, metadata["started_at"])
-        marker = await asyncio.to_thread(self.spool.read_hold, call_id)
         hold = marker
         given = metadata.get("hold")
         if hold is None and isinstance(given, Mapping):
@@ -834,20 +919,21 @@ class Uploader:
         audio = await self._store_audio(call_id, keys, decision, held=hold is not None)
         doc = final_metadata(metadata, keys, audio, hold)
         await self._store_metadata(keys, doc, audio, held=hold is not None)
-        late = await asyncio.to_thread(self.spool.read_hold, call_id)
-        if late is not None and late != marker:
-            await self.holds.apply(late, keys)
-            marker = late
-        elif hold is not None:
+        if hold is not None:
             await self.holds.apply(hold, keys)  # confirms record + both legal holds (idempotent)
-        if hold is not None or late is not None:
+        # Local files go now, unless a hold was asked for while uploading: that one is applied first.
+        held = hold is not None
+        while (late := await asyncio.to_thread(self.spool.finish, call_id, marker)) is not None:
+            await self.holds.apply(late, keys)
+            marker, held = late, True
+        if held:
             self.stats.holds_applied += 1
         self.stats.stored += 1
         fields: dict[str, Any] = {
             "key": audio.key or keys.metadata,
             "metadata_key": keys.metadata,
             "audio_status": audio.status,
-            "held": hold is not None or late is not None,
+            "held": held,
         }
         if audio.bytes is not None:
             fields["bytes"] = audio.bytes
@@ -862,9 +948,6 @@ class Uploader:
             audio.status,
             fields["held"],
         )
-        await asyncio.to_thread(self.spool.remove_recording, call_id)
-        if marker is not None:
-            await asyncio.to_thread(self.spool.remove_hold, call_id, marker)
 
     async def _apply_marker_hold(self, call_id: str) -> None:
         marker = await asyncio.to_thread(self.spool.read_hold, call_id)

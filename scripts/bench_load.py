@@ -27,15 +27,19 @@ Measured per level and flow:
   (shared: other users' load counts too), and the rest of the box;
 - the app's RSS over time (idle before the calls, peak, after the drain, slope against active calls);
 - recordings: for every completed call the WAV must exist, have a final header and last the call's
-  answered time (200 OK → BYE at the caller) ± 0.5 s. Baseline WAVs are read in the spool (found via AMI
-  ``Newchannel`` events, then deleted); the app's are read back from its bucket once the uploader stored
-  them: the uploader deletes the local files, and the stored object is what the product keeps.
+  answered time (200 OK → BYE at the caller) ± 0.5 s. Baseline WAVs are read in the spool (the dialplan
+  names them after extension and caller name: no AMI listener, whose event traffic would load Asterisk in
+  both flows and flatter the app's CPU ratio), then deleted; the app's are read back from its bucket once
+  the uploader stored them: the uploader deletes the local files, and the stored object is what the
+  product keeps.
 
 The run stops after the first level at which the baseline itself fails calls. Results are printed, saved
 as JSON in the work directory and, with ``--write``, replace the "Load" section of ``docs/benchmarks.md``.
 
     .venv/bin/python scripts/bench_load.py [--levels 10,50,100,200] [--call-s 20] [--write]
     .venv/bin/python scripts/bench_load.py --levels 10 --profile      # + py-spy profile of the app
+    git worktree add /tmp/kasuhara-old <commit>                        # an older version of the app ...
+    .venv/bin/python scripts/bench_load.py --flows app --app-src /tmp/kasuhara-old   # ... on the same box
 
 Needs the local stack (``scripts/stack up``), root (SIPp RTP) and SIPp; ``--profile`` needs ``py-spy`` in
 the venv. Restarts nothing it did not start.
@@ -345,57 +349,6 @@ def local_wav(path: Path) -> WavInfo | None:
         return None
 
 
-# ------------------------------------------------------------------------------------------------- AMI
-
-
-class AmiChannels:
-    """Listens to AMI ``call`` events for the Uniqueid of each baseline caller channel (the dialplan names
-    the baseline recording ``baseline-${UNIQUEID}.wav``), keyed by (extension, caller id name)."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.uniqueids: dict[tuple[str, str], str] = {}
-        self._task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.wait_for(self.ready.wait(), 10)
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _run(self) -> None:
-        ami = self.cfg.ami
-        reader, writer = await asyncio.open_connection(ami.host, ami.port)
-        try:
-            await reader.readline()  # banner
-            writer.write(
-                f"Action: Login\r\nUsername: {ami.username}\r\nSecret: {ami.secret}\r\n"
-                "Events: call\r\n\r\n".encode()
-            )
-            await writer.drain()
-            while True:
-                raw = await reader.readuntil(b"\r\n\r\n")
-                fields: dict[str, str] = {}
-                for line in raw.decode(errors="replace").split("\r\n"):
-                    k, sep, v = line.partition(": ")
-                    if sep:
-                        fields[k] = v
-                if fields.get("Response") == "Success" and not self.ready.is_set():
-                    self.ready.set()
-                elif fields.get("Response") == "Error":
-                    raise RuntimeError(f"AMI login refused: {fields.get('Message')}")
-                if fields.get("Event") == "Newchannel" and fields.get("Context") == "kasuhara-in":
-                    key = (fields.get("Exten", ""), fields.get("CallerIDName", ""))
-                    self.uniqueids.setdefault(key, fields.get("Uniqueid", ""))
-        finally:
-            writer.close()
-
-
 # ------------------------------------------------------------------------------------------------- app
 
 
@@ -403,8 +356,16 @@ class App:
     """``kasuhara serve`` as a subprocess with its own app name, spool, bucket and topic prefix."""
 
     def __init__(
-        self, cfg: Config, config_path: Path, workdir: Path, tag: str, storage: bool, mqtt: bool
+        self,
+        cfg: Config,
+        config_path: Path,
+        workdir: Path,
+        tag: str,
+        storage: bool,
+        mqtt: bool,
+        source: Path = REPO,
     ) -> None:
+        self.source = source
         self.name = f"kasuhara-bench-{tag}"
         self.bucket = self.name
         self.asterisk_dir = f"/var/spool/asterisk/monitor/kasuhara-bench-{tag}"
@@ -446,7 +407,7 @@ class App:
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.source,  # python -m finds the package of this checkout first
             )
         import httpx
 
@@ -469,7 +430,19 @@ class App:
         if not spy.exists():
             raise SystemExit(f"--profile needs py-spy: {Path(sys.executable).parent}/pip install py-spy")
         self.profiler = subprocess.Popen(
-            [str(spy), "record", "-p", str(self.proc.pid), "-r", "100", "--gil", "-o", str(out), "-f", "raw"],
+            [
+                str(spy),
+                "record",
+                "-p",
+                str(self.proc.pid),
+                "-r",
+                "100",
+                *(["--gil"] if not os.environ.get("KX_ALLTHREADS") else []),
+                "-o",
+                str(out),
+                "-f",
+                "raw",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -653,7 +626,6 @@ async def run_level(
     args: argparse.Namespace,
     cfg: Config,
     sampler: Sampler,
-    ami: AmiChannels,
     workdir: Path,
     level: int,
     flow: str,
@@ -720,10 +692,11 @@ async def run_level(
     if app is None:
         host_spool = cfg.recording.host_dir
         wavs: dict[int, Path] = {}
-        for n in calls:
-            uid = ami.uniqueids.get((exten, f"kb{n}"))
-            if uid:
-                wavs[n] = host_spool / f"baseline-{uid}.wav"
+        # The baseline dialplan names each recording after its extension and caller name (kb<N>).
+        for path in host_spool.glob(f"baseline-{exten}-kb*-*.wav"):
+            n = path.name.split("-")[2][2:]
+            if n.isdigit() and int(n) in calls:
+                wavs[int(n)] = path
         while time.monotonic() < deadline:
             infos = [local_wav(p) for p in wavs.values()]
             if all(i is not None and i.final for i in infos):
@@ -947,9 +920,9 @@ def machine() -> str:
     )
 
 
-def revision() -> str:
+def revision(source: Path = REPO) -> str:
     """The commit measured, marked when the work tree had uncommitted changes to the package."""
-    git = ["git", "-C", str(REPO)]
+    git = ["git", "-C", str(source)]
     head = subprocess.run(
         [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -984,7 +957,7 @@ def run_meta(args: argparse.Namespace, cfg: Config, runtime_s: float) -> dict[st
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "machine": machine(),
         "asterisk": asterisk_version(cfg),
-        "revision": revision(),
+        "revision": revision(args.app_src),
         "runtime_s": runtime_s,
         "note": args.note,
         "waves": args.waves,
@@ -1056,8 +1029,6 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"bench_load: work directory {workdir}", flush=True)
     sampler = Sampler()
     sampler.start()
-    ami = AmiChannels(cfg)
-    await ami.start()
     results: list[RunResult] = []
     started = time.monotonic()
     try:
@@ -1065,12 +1036,20 @@ async def bench(args: argparse.Namespace) -> int:
             for flow in args.flows:
                 app = None
                 if flow == "app":
-                    app = App(cfg, Path(args.config), workdir, f"{run_id}-{level}", args.storage, args.mqtt)
+                    app = App(
+                        cfg,
+                        Path(args.config),
+                        workdir,
+                        f"{run_id}-{level}",
+                        args.storage,
+                        args.mqtt,
+                        source=args.app_src,
+                    )
                     sampler.app_pid = await app.start()
                     await asyncio.sleep(2.0)  # idle RSS samples
                 try:
                     print(f"bench_load: level {level} {flow} …", flush=True)
-                    r = await run_level(args, cfg, sampler, ami, workdir, level, flow, app)
+                    r = await run_level(args, cfg, sampler, workdir, level, flow, app)
                 finally:
                     if app is not None:
                         sampler.app_pid = None
@@ -1091,7 +1070,6 @@ async def bench(args: argparse.Namespace) -> int:
                 print(f"bench_load: baseline failed calls at level {level}: stopping", flush=True)
                 break
     finally:
-        await ami.stop()
         sampler.stop()
     meta = run_meta(args, cfg, time.monotonic() - started)
     (workdir / "results.json").write_text(
@@ -1133,6 +1111,13 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=3.0, help="pause between runs (s)")
     ap.add_argument("--workdir", default="", help="default /tmp/kasuhara-bench-load-<random>")
     ap.add_argument("--keep", action="store_true", help="keep recordings and buckets (debugging)")
+    ap.add_argument(
+        "--app-src",
+        type=Path,
+        default=REPO,
+        help="run `kasuhara serve` from this checkout (e.g. a git worktree of an older commit), to compare"
+        " versions in one session",
+    )
     ap.add_argument("--note", default="", help="a remark printed above the table (e.g. 'machine shared')")
     ap.add_argument("--write", action="store_true", help="replace the Load section of docs/benchmarks.md")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only print (and --write) a saved run's report")

@@ -174,10 +174,10 @@ class FakeAmi:
         raise AssertionError("the AGI flow never stops MixMonitor: the call goes on in the dialplan")
 
 
-def flow_config(spool: Path, **agi: Any) -> Config:
+def flow_config(spool: Path, completion: str = "watch", **agi: Any) -> Config:
     return replace(
         Config(),
-        recording=RecordingConfig(asterisk_dir=str(spool)),
+        recording=RecordingConfig(asterisk_dir=str(spool), completion=completion),
         agi=replace(AgiConfig(), **{"reconcile_interval_s": 0.2, **agi}),
     )
 
@@ -216,8 +216,10 @@ class Harness:
             await asyncio.sleep(0.02)
 
 
-async def start_harness(spool: Path, ami: FakeAmi | None = None, **agi: Any) -> tuple[Harness, list[Any]]:
-    cfg = flow_config(spool, **agi)
+async def start_harness(
+    spool: Path, ami: FakeAmi | None = None, completion: str = "watch", **agi: Any
+) -> tuple[Harness, list[Any]]:
+    cfg = flow_config(spool, completion, **agi)
     ami = ami or FakeAmi()
     events = MemoryEvents()
     notified: list[str] = []
@@ -225,7 +227,9 @@ async def start_harness(spool: Path, ami: FakeAmi | None = None, **agi: Any) -> 
     async def on_metadata(call_id: str) -> None:
         notified.append(call_id)
 
-    recorder = Recorder(ami, cfg.recording.asterisk_dir, cfg.recording.host_dir)
+    recorder = Recorder(
+        ami, cfg.recording.asterisk_dir, cfg.recording.host_dir, completion=cfg.recording.completion
+    )
     watch = CallEndWatch(
         cfg, ami, recorder, events, PendingCalls(spool / PENDING_DIR), on_metadata=on_metadata
     )
@@ -534,14 +538,10 @@ async def test_call_is_answered_recorded_announced_then_finished_by_ami_hangup(h
         "SET VARIABLE __KASUHARA_NOTICE_PLAYED 1",
         "SET VARIABLE CHANNEL(language) en",
     ]
-    # Recording through AMI with the Stasis flow's file and completion marker, before the notice.
+    # Recording through AMI with the Stasis flow's file, before the notice; no completion command (the
+    # service's CompletionWatcher marks the closed file).
     assert harness.ami.mixmonitors == [
-        (
-            "PJSIP/caller-0000002a",
-            f"{spool}/{LINKEDID}.wav",
-            "i(KASUHARA_MIXMON_ID)",
-            f"touch {spool}/{LINKEDID}.done",
-        )
+        ("PJSIP/caller-0000002a", f"{spool}/{LINKEDID}.wav", "i(KASUHARA_MIXMON_ID)", "")
     ]
     # Back in the dialplan: pending on disk, no metadata until the channel ends.
     await harness.settle()
@@ -671,21 +671,29 @@ async def test_notice_that_cannot_be_played_is_not_claimed(harness: Harness) -> 
     assert meta["notice_skipped"] == "failed"
 
 
-async def test_mixmonitor_through_agi_when_ami_fails(harness: Harness) -> None:
-    harness.ami.mixmonitor_error = AmiError("AMI at 127.0.0.1:5038 is not connected (action MixMonitor)")
-    fake = await harness.call()
+@pytest.mark.parametrize("completion", ["watch", "command"])
+async def test_mixmonitor_through_agi_when_ami_fails(tmp_path: Path, completion: str) -> None:
+    harness, tasks = await start_harness(tmp_path, completion=completion)
+    try:
+        harness.ami.mixmonitor_error = AmiError("AMI at 127.0.0.1:5038 is not connected (action MixMonitor)")
+        fake = await harness.call()
+    finally:
+        await stop(tasks)
     spool = str(harness.spool)
-    exec_cmd = f'EXEC MixMonitor "{spool}/{LINKEDID}.wav,i(KASUHARA_MIXMON_ID),touch {spool}/{LINKEDID}.done"'
+    # The same file, option and completion as Recorder gives to AMI.
+    recorder = Recorder(harness.ami, spool, harness.spool, completion=completion)
+    command = recorder.completion_command(recorder.paths(LINKEDID))
+    if completion == "command":
+        assert command == f"touch {spool}/{LINKEDID}.done"
+        exec_cmd = f'EXEC MixMonitor "{spool}/{LINKEDID}.wav,i(KASUHARA_MIXMON_ID),{command}"'
+    else:
+        assert command == ""
+        exec_cmd = f'EXEC MixMonitor "{spool}/{LINKEDID}.wav,i(KASUHARA_MIXMON_ID)"'
     assert fake.commands[3:6] == [
         "GET VARIABLE KASUHARA_MIXMON_ID",
         exec_cmd,
         "GET VARIABLE KASUHARA_MIXMON_ID",
     ]
-    # The completion marker is exactly the one Recorder gives to AMI.
-    assert (
-        Recorder(harness.ami, spool, harness.spool).paths(LINKEDID).asterisk_marker
-        == f"{spool}/{LINKEDID}.done"
-    )
     assert [e.get("via") for e in harness.events.of(LINKEDID) if e["event"] == "recording_started"] == ["agi"]
 
 

@@ -39,8 +39,9 @@ class FakeAmi:
 class FakeAri:
     """Plays Asterisk's part: answers with the events a real one would send."""
 
-    def __init__(self, *, notice: str = "finish", agent: str = "answer") -> None:
+    def __init__(self, *, notice: str = "finish", agent: str = "answer", talk_s: float = 0.05) -> None:
         self.ops: list[tuple[str, Any]] = []
+        self.talk_s = talk_s
         self.call: Call | None = None
         self.notice = notice
         self.agent = agent
@@ -91,7 +92,9 @@ class FakeAri:
             self._send({"type": "ChannelStateChange", "channel": {"id": channel_id, "state": "Up"}})
             # then the agent talks a little and hangs up
             asyncio.get_running_loop().call_later(
-                0.05, self._send, {"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16}
+                self.talk_s,
+                self._send,
+                {"type": "ChannelDestroyed", "channel": {"id": channel_id}, "cause": 16},
             )
         elif self.agent == "busy":
             self._send(
@@ -128,7 +131,7 @@ class FakeAri:
 
 
 async def run_call(
-    tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None
+    tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None, *, completion: str = "watch"
 ) -> tuple[dict[str, Any], MemoryEvents]:
     cfg = load(
         env={"KASUHARA_RECORDING__ASTERISK_DIR": "/spool/k", "KASUHARA_RECORDING__LOCAL_DIR": str(tmp_path)}
@@ -141,7 +144,12 @@ async def run_call(
 
     ami = ami or FakeAmi()
     deps = CallDeps(
-        cfg, ari, Recorder(ami, "/spool/k", tmp_path), NoticePlayer(ari, "ja"), events, on_metadata
+        cfg,
+        ari,
+        Recorder(ami, "/spool/k", tmp_path, completion=completion),
+        NoticePlayer(ari, "ja"),
+        events,
+        on_metadata,
     )
     caller = Channel("c1", "PJSIP/caller-0001", "Ring", "0312345678", "Taro", "ja")
     call = Call(deps, caller, "1700000000.1", "PJSIP/agent")
@@ -166,6 +174,23 @@ async def test_happy_path_notice_before_agent_and_metadata(tmp_path: Path) -> No
     assert ("hangup", "c1") in ari.ops  # the other side is hung up too
     assert [e["event"] for e in events.events][:3] == ["started", "recording_started", "notice_played"]
     assert events.events[-1]["event"] == "ended"
+
+
+async def test_a_talking_call_waits_for_events_without_polling(tmp_path: Path, monkeypatch: Any) -> None:
+    """While both sides talk nothing happens in the app until an event comes (a hangup, a key): the
+    load benchmark found a 0.25-s poll per call to cost a fifth of the app's CPU."""
+    checks = 0
+    original = Call.take_agent_action
+
+    def counted(self: Call) -> Any:
+        nonlocal checks
+        checks += 1
+        return original(self)
+
+    monkeypatch.setattr(Call, "take_agent_action", counted)
+    meta, _ = await run_call(tmp_path, FakeAri(talk_s=1.5))
+    assert meta["end_reason"] == "agent_hungup"
+    assert checks <= 3, checks  # once on entering, once per event; a 0.25-s poll would make it 7+
 
 
 async def test_caller_hangs_up_during_notice_no_agent_rung(tmp_path: Path) -> None:
@@ -196,11 +221,25 @@ async def test_recording_failure_does_not_drop_the_call(tmp_path: Path) -> None:
 
 async def test_mixmonitor_command_holds_only_safe_text(tmp_path: Path) -> None:
     ami = FakeAmi()
-    await run_call(tmp_path, FakeAri(), ami)
+    await run_call(tmp_path, FakeAri(), ami, completion="command")
     (_channel, file, command) = ami.started[0]
     assert file == "/spool/k/1700000000.1.wav"
     assert command == "touch /spool/k/1700000000.1.done"
     assert "0312345678" not in command and "Taro" not in command
+
+
+async def test_watch_mode_gives_mixmonitor_no_command(tmp_path: Path) -> None:
+    """The default: no shell command, so Asterisk does not fork itself for every call."""
+    ami = FakeAmi()
+    await run_call(tmp_path, FakeAri(), ami)
+    (_channel, file, command) = ami.started[0]
+    assert file == "/spool/k/1700000000.1.wav"
+    assert command == ""
+
+
+def test_unknown_completion_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="completion"):
+        Recorder(FakeAmi(), "/spool/k", tmp_path, completion="poll")
 
 
 @pytest.mark.parametrize("bad", ["../etc/passwd", "a/b", "x;rm -rf /", "", ".hidden", "a" * 200, "id\n"])

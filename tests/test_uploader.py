@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -15,6 +16,7 @@ from unittest import mock
 import pytest
 from uploader_helpers import (
     STARTED,
+    arrive_while_running,
     metadata,
     put_recording,
     run_until_empty,
@@ -234,6 +236,121 @@ async def test_upload_complete_recording(tmp_path: Path) -> None:
     [ev] = events.of("call-1")
     assert ev["event"] == "recording_stored"
     assert (ev["key"], ev["bytes"], ev["sha256"]) == (keys.audio, len(audio), sha)
+
+
+async def test_a_new_recording_costs_two_requests(tmp_path: Path) -> None:
+    """New since the uploader started: nothing can be in the bucket, and the ETags (the MD5 of what the
+    server received) prove both objects, so nothing is read back."""
+    store = MemoryStore()
+    await arrive_while_running(tmp_path, make_uploader(tmp_path, store), {"new-1": wav_bytes(5000)})
+    keys = recording_keys("new-1", STARTED)
+    assert store.calls == [("put_file", keys.audio), ("put_bytes", keys.metadata)]
+    assert store.objects[keys.audio][-1].data == wav_bytes(5000)
+    assert spool_names(tmp_path) == []
+
+
+async def test_between_full_scans_only_named_recordings_are_looked_at(tmp_path: Path) -> None:
+    """A burst of finished calls is not a scan of the whole spool each: the uploader looks at the call
+    ids it was told about, and scans everything only every ``poll_interval_s`` (the safety net)."""
+    store = MemoryStore()
+    for i in range(30):  # calls still recording: audio, no metadata yet
+        (tmp_path / f"busy-{i}.wav").write_bytes(wav_bytes(100))
+    uploader = make_uploader(tmp_path, store, poll_interval_s=3600)
+    scans = 0
+    real_scan = uploader.spool.scan
+
+    def counted() -> Any:
+        nonlocal scans
+        scans += 1
+        return real_scan()
+
+    uploader.spool.scan = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(uploader.run())
+    try:
+        await asyncio.sleep(0.2)
+        for i in range(10):
+            put_recording(tmp_path, f"done-{i}", audio=wav_bytes(2000, seed=i))
+            await uploader.notify(f"done-{i}")
+            await asyncio.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while any(n.startswith("done-") for n in spool_names(tmp_path)):
+            assert time.monotonic() < deadline, spool_names(tmp_path)
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert uploader.stats.stored == 10
+    assert scans == 1  # the start-up scan only
+
+
+async def test_a_recording_left_from_before_is_looked_up_first(tmp_path: Path) -> None:
+    """In the spool when the uploader starts (a crash may have stored it already): looked up first, and
+    stored once."""
+    store = MemoryStore()
+    put_recording(tmp_path, "old-1", audio=wav_bytes(5000))
+    keys = recording_keys("old-1", STARTED)
+    await run_until_empty(make_uploader(tmp_path, store))
+    assert ("stat", keys.audio) in store.calls and ("stat", keys.metadata) in store.calls
+    assert store.calls.index(("stat", keys.audio)) < store.calls.index(("put_file", keys.audio))
+    # Uploaded, then the crash came before the local files were removed: the re-run adds no version.
+    put_recording(tmp_path, "old-1", audio=wav_bytes(5000))
+    await run_until_empty(make_uploader(tmp_path, store))
+    assert store.version_count(keys.audio) == 1
+    assert store.version_count(keys.metadata) == 1
+
+
+async def test_a_failed_new_upload_looks_before_writing_again(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.fail_next = {"put_bytes": 1}  # the audio is stored, the metadata put fails once
+    await arrive_while_running(tmp_path, make_uploader(tmp_path, store), {"new-2": wav_bytes(5000)})
+    keys = recording_keys("new-2", STARTED)
+    assert store.version_count(keys.audio) == 1  # the retry found it and did not upload it again
+    assert store.version_count(keys.metadata) == 1
+    assert ("stat", keys.audio) in store.calls
+
+
+@pytest.mark.parametrize("etags", ["not_md5", "wrong"])
+async def test_without_a_matching_etag_the_object_is_read_back(tmp_path: Path, etags: str) -> None:
+    """SSE-KMS ETags are not the MD5; a wrong one means the server may hold something else: either way
+    the object is read back (size and sha256) before the local files go."""
+    store = MemoryStore()
+    store.md5_etags = etags != "not_md5"
+    store.wrong_etags = etags == "wrong"
+    await arrive_while_running(tmp_path, make_uploader(tmp_path, store), {"new-3": wav_bytes(5000)})
+    keys = recording_keys("new-3", STARTED)
+    assert store.calls == [
+        ("put_file", keys.audio),
+        ("stat", keys.audio),
+        ("put_bytes", keys.metadata),
+        ("stat", keys.metadata),
+    ]
+    assert spool_names(tmp_path) == []
+
+
+async def test_an_object_that_does_not_match_is_never_trusted(tmp_path: Path, monkeypatch: Any) -> None:
+    """Wrong ETag and the read-back disagrees too: VerifyError, retried, local files kept meanwhile."""
+    store = MemoryStore()
+    store.wrong_etags = True
+    real_stat = store.stat
+    lies = {"left": 2}
+
+    async def lying_stat(key: str) -> Any:
+        info = await real_stat(key)
+        if info is not None and key.endswith(".wav") and lies["left"]:
+            lies["left"] -= 1
+            return replace(info, size=info.size - 1)
+        return info
+
+    monkeypatch.setattr(store, "stat", lying_stat)
+    uploader = make_uploader(tmp_path, store)
+    await arrive_while_running(tmp_path, uploader, {"new-4": wav_bytes(5000)})
+    keys = recording_keys("new-4", STARTED)
+    assert uploader.stats.failures == 1  # the first verification failed ...
+    # ... the retry looked (the object still disagreed), uploaded again, and verified by reading back.
+    assert store.version_count(keys.audio) == 2
+    assert store.version_count(keys.metadata) == 1
+    assert spool_names(tmp_path) == []
 
 
 async def test_zero_length_and_unrecorded_audio_still_produce_metadata(tmp_path: Path) -> None:

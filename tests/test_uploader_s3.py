@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from uploader_helpers import (
     STARTED,
+    arrive_while_running,
     metadata,
     put_recording,
     run_until_empty,
@@ -97,6 +98,65 @@ def fetch_sha(store: MinioStore, key: str) -> str:
         resp.close()
         resp.release_conn()
     return h.hexdigest()
+
+
+async def test_the_servers_etag_proves_a_single_part_put(s3: tuple[S3Target, str], tmp_path: Path) -> None:
+    """What lets a new recording skip reading back: the real server answers a single-part put with the
+    MD5 of the bytes it received, and a multipart put (or SSE-C) with something else."""
+    target, bucket = s3
+    store = open_store(target, bucket)
+    small, large = tmp_path / "small.wav", tmp_path / "large.wav"
+    small.write_bytes(wav_bytes(320_000))
+    large.write_bytes(os.urandom(9 * 1024 * 1024))  # above the 8 MiB part size: multipart
+    try:
+        for path in (small, large):
+            data = path.read_bytes()
+            result = await store.put_file(
+                f"etag/{path.name}",
+                path,
+                length=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                metadata={},
+            )
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            assert store.put_etag_is_md5(len(data)) is (path is small)
+            assert (result.etag == md5) is (path is small), result.etag
+        body = b'{"schema": "kasuhara.recording/1"}'
+        result = await store.put_bytes("etag/meta.json", body, metadata={})
+        assert result.etag == hashlib.md5(body, usedforsecurity=False).hexdigest()
+    finally:
+        store.close()
+    sse = open_store(target, bucket, sse_c_key=b"k" * 32)
+    assert not sse.put_etag_is_md5(100)
+    sse.close()
+
+
+async def test_new_recordings_are_stored_without_reading_back(
+    s3: tuple[S3Target, str], tmp_path: Path
+) -> None:
+    target, bucket = s3
+    store = open_store(target, bucket)
+    looked: list[str] = []
+    real_stat = store.stat
+
+    async def counted_stat(key: str) -> Any:
+        looked.append(key)
+        return await real_stat(key)
+
+    store.stat = counted_stat  # type: ignore[method-assign]
+    uploader = fast_uploader(tmp_path, store)
+    await arrive_while_running(
+        tmp_path, uploader, {f"1732900000.{i}": wav_bytes(320_000, seed=i) for i in range(5)}
+    )
+    try:
+        assert looked == []
+        assert uploader.stats.stored == 5
+        for i in range(5):
+            keys = recording_keys(f"1732900000.{i}", STARTED)
+            assert fetch_sha(store, keys.audio) == hashlib.sha256(wav_bytes(320_000, seed=i)).hexdigest()
+        assert len(versions_by_key(store)) == 10
+    finally:
+        store.close()
 
 
 async def test_uploads_land_with_keys_metadata_and_sha256(s3: tuple[S3Target, str], tmp_path: Path) -> None:

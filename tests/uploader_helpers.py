@@ -99,3 +99,21 @@ async def run_until_empty(uploader: Uploader, timeout: float = 20.0) -> None:
 
 def spool_names(spool: Path) -> list[str]:
     return sorted(p.name for p in spool.iterdir() if not p.name.startswith(".kasuhara-uploader"))
+
+
+async def arrive_while_running(
+    spool: Path, uploader: Uploader, recordings: dict[str, bytes], timeout: float = 20.0
+) -> None:
+    """Recordings that appear (and are notified, as the call service does) while the uploader runs, after
+    its first scan: new to it, not left from before. Returns once the spool is empty."""
+    task = asyncio.create_task(uploader.run())
+    try:
+        await asyncio.sleep(0.2)
+        for call_id, audio in recordings.items():
+            put_recording(spool, call_id, audio=audio)
+            await uploader.notify(call_id)
+        await asyncio.wait_for(uploader.wait_empty(), timeout)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
