@@ -476,13 +476,22 @@ class Call:
     async def _talk(self) -> None:
         caller = self.caller.id
         agent = self.agent_id or ""
+        agent_left = False
         while True:
             if self.channel_gone(caller):
                 self.record.end_reason = self.record.end_reason or "caller_hungup"
                 return
             if self.channel_gone(agent):
-                self.record.end_reason = self.record.end_reason or "agent_hungup"
-                return
+                supervisor = self.escalation.supervisor_joined
+                if supervisor is None:
+                    reason = "supervisor_hungup" if agent_left else "agent_hungup"
+                    self.record.end_reason = self.record.end_reason or reason
+                    return
+                if not agent_left:
+                    # A supervisor took over: the caller is not cut off because the agent left them.
+                    agent_left = True
+                    log.info("call event=agent_left call_id=%s supervisor=%s", self.call_id, supervisor)
+                    self.emit("agent_left", supervisor=supervisor)
             action = self.take_agent_action()
             if action is not None:
                 ended = await self.escalation.handle(*action)
@@ -512,12 +521,13 @@ class Call:
                 )
             return False
         self.emit("time_limit", duration_s=duration, budget_s=policy.time_budget_s)
+        parties = [p for p in (self.caller.id, self.agent_id, self.escalation.supervisor_leg) if p]
         await self.deps.notices.play_on_bridge(
             self,
             self.bridge_id,
             policy.time_limit_sound,
             tag=f"{self.call_id}-limit",
-            parties=(self.caller.id, self.agent_id or ""),
+            parties=tuple(p for p in parties if not self.channel_gone(p)),
         )
         self.record.end_reason = "time_limit"
         await self._quietly(self.deps.ari.hangup(self.caller.id))

@@ -93,6 +93,11 @@ class EscalationRunner:
     def channel_ids(self) -> list[str]:
         return list(self._supervisor_legs)
 
+    @property
+    def supervisor_leg(self) -> str | None:
+        """The leg of the supervisor who joined and is still in the call, if any."""
+        return self._joined_leg
+
     def absorb(self, kind: str, channel_id: str, event: dict[str, Any]) -> None:
         """Facts about supervisor legs (the call keeps the general ones)."""
         if kind == "Dial":

@@ -75,6 +75,7 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "agent_ringing": frozenset({"target"}),
     "agent_answered": frozenset({"agent"}),
     "agent_unavailable": frozenset({"target"}),
+    "agent_left": frozenset({"supervisor"}),
     "customer_ringing": frozenset({"target"}),
     "customer_answered": frozenset({"target"}),
     "escalation_requested": frozenset({"key"}),

@@ -110,15 +110,25 @@ class Phone:
 
     def received(self, method: str) -> list[datetime]:
         """When each ``method`` request (e.g. INVITE, BYE) arrived at this phone (wall clock, UTC)."""
+        return self._requests("received", method)
+
+    def sent(self, method: str) -> list[datetime]:
+        """When this phone sent each ``method`` request (e.g. its own BYE)."""
+        return self._requests("sent", method)
+
+    def _requests(self, direction: str, method: str) -> list[datetime]:
         if not self.messages.exists():
             return []
         text = self.messages.read_text(errors="replace")
         times = []
-        # SIPp's message log: a header line with the date and time, then "UDP message received ...:" and
-        # the message itself.
+        # SIPp's message log: a header line with the date and time, then "UDP message received ...:" (or
+        # "sent") and the message itself.
         pattern = re.compile(
             r"-+ (\d{4}-\d{2}-\d{2})\s+(\d{2}:\d{2}:\d{2}\.\d+)\s*\n"
-            r"UDP message received \[\d+\] bytes :\s*\n\s*\n" + re.escape(method) + r" sip:",
+            # (received: "[N] bytes :", sent: "(N bytes):")
+            rf"UDP message {direction} (?:\[\d+\] bytes :|\(\d+ bytes\):)\s*\n\s*\n"
+            + re.escape(method)
+            + r" sip:",
         )
         for m in pattern.finditer(text):
             local = datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S.%f")

@@ -527,3 +527,53 @@ async def test_supervisor_leaves_then_star9_calls_again(
     meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
     assert [(e["key"], e["result"]) for e in meta["escalations"]] == [("*9", "joined"), ("*9", "joined")]
     assert meta["end_reason"] == "caller_hungup"
+
+
+@pytest.mark.parametrize("who_ends", ["caller", "supervisor"])
+async def test_agent_leaves_and_the_caller_stays_with_the_supervisor(
+    service_factory: Any, call_cfg: Config, sip_workdir: Path, who_ends: str
+) -> None:
+    """Once a supervisor took over, the agent may leave (that is often the point of calling one): the
+    caller is not cut off, and the call ends when the caller or the supervisor hangs up."""
+    sup_port = free_udp_port(5100, 5999)
+    service = await service_factory(with_supervisors(call_cfg, sup_port))
+    port = agent_port()
+    # Supervisor answers ~2.5 s after the answer; the agent hangs up ~5 s after pressing *9.
+    sup_hold = 8000 if who_ends == "supervisor" else 0
+    supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300, hold_ms=sup_hold).start()
+    agent = await agent_pressing(sip_workdir, port, [(2000, "*9")], hold_ms=5000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=18000).start()
+    try:
+        assert await phone.wait(60) == 0, phone.error_text()
+        assert await agent.wait(10) == 0, agent.error_text()
+        assert await supervisor.wait(10) == 0, supervisor.error_text()
+    finally:
+        await stop_all(phone, agent, supervisor)
+    (call_id,) = {e["call_id"] for e in service.memory_events.events if e["event"] == "agent_left"}
+    names = await wait_ended(service, call_id)
+    tail = names[names.index("supervisor_joined") :]
+    if who_ends == "caller":
+        assert tail == ["supervisor_joined", "agent_left", "ended"], names
+    else:
+        assert tail == ["supervisor_joined", "agent_left", "supervisor_left", "ended"], names
+    (left,) = events_named(service, call_id, "agent_left")
+    assert left["supervisor"] == supervisor_endpoint(sup_port)
+    assert agent.sent("BYE"), "the agent hung up itself"
+    left_at = when(service, call_id, "agent_left")
+    ended_at = when(service, call_id, "ended")
+    assert ended_at - left_at > 2.0, "the call went on after the agent left"
+    meta = await wait_for_files(call_cfg.recording.host_dir, call_id)
+    if who_ends == "caller":
+        assert meta["end_reason"] == "caller_hungup"
+        assert not phone.received("BYE"), "the caller was cut off"
+        assert supervisor.received("BYE"), "the supervisor's leg was hung up at the end"
+    else:
+        assert meta["end_reason"] == "supervisor_hungup"
+        assert phone.received("BYE"), "the caller was hung up once the supervisor left"
+    # The recording goes on after the agent left: the caller and the supervisor are on it.
+    recording = call_cfg.recording.host_dir / f"{call_id}.wav"
+    assert header_is_final(recording)
+    rec = recording_levels(
+        recording, when(service, call_id, "recording_started"), left_at + 0.5, ended_at - 0.5
+    )
+    assert rec[SUPERVISOR_HZ] > PRESENT and rec[AGENT_HZ] < ABSENT, rec

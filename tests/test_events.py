@@ -374,6 +374,7 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "agent_answered": {"agent": "PJSIP/agent"},
         "agent_ringing": {"target": "PJSIP/agent"},
         "agent_unavailable": {"target": "PJSIP/agent", "reason": "busy"},
+        "agent_left": {"supervisor": "PJSIP/supervisor"},
         "customer_ringing": {"target": "PJSIP/customer"},
         "customer_answered": {"target": "PJSIP/customer"},
         "time_limit": {"duration_s": 1800.0, "budget_s": 1800},
