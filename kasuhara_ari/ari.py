@@ -10,9 +10,12 @@ REST over the event websocket (Asterisk 20.12, 21.7, 22.2 and later): a request 
 (``RESTRequest``) and its answer arrives among the events (``RESTResponse``). The load benchmark measured
 an HTTP request through httpx at ~1 ms of the app's CPU, a websocket request at a fraction of that, and
 Asterisk's HTTP server costs more per request too. Whether Asterisk answers is probed after every
-connection; until it has answered, and while the websocket is down, requests go over HTTP. A request
-whose answer was outstanding when the websocket dropped fails with :class:`AriUnavailable`, like an HTTP
-request cut off mid-way (it may or may not have been carried out).
+connection; until it has answered, and while the websocket is down, requests go over HTTP. Asterisk handles
+the requests of one websocket strictly in turn (one thread), so besides the event websocket the client keeps
+``rest_lanes`` more (apps ``<app>-rest-N`` that receive nothing but answers) and sends each request to the
+one with the fewest waiting (see ``_lane``). A request whose answer was outstanding when its websocket
+dropped fails with :class:`AriUnavailable`, like an HTTP request cut off mid-way (it may or may not have
+been carried out).
 
 The event filter (``event_types``) is set after every connection (Asterisk forgets an app's filter when
 its websocket closes). Asterisk applies the filter to ``RESTResponse`` messages too, so it is always
@@ -31,7 +34,7 @@ import random
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 import websockets
@@ -129,10 +132,14 @@ class AriClient:
         reconnect_max_s: float = 10.0,
         max_connections: int = 64,
         rest_over_websocket: bool = True,
+        rest_lanes: int = 3,
+        websocket_window: int = 16,
         event_types: Collection[str] | None = None,
     ) -> None:
-        """``rest_over_websocket``: send REST requests over the event websocket when Asterisk answers
-        there. ``event_types``: only these events are sent by Asterisk (None: all of them)."""
+        """``rest_over_websocket``: send REST requests over websockets where Asterisk answers there: the
+        event websocket and ``rest_lanes`` more, each request to the one with the fewest waiting; with
+        ``websocket_window`` waiting on every one, over HTTP. ``event_types``: only these events are sent
+        by Asterisk (None: all of them)."""
         self._base = url.rstrip("/") + "/ari"
         self._username = username
         self._password = password
@@ -148,10 +155,13 @@ class AriClient:
         self._ws: ClientConnection | None = None
         self.reconnects = 0
         self.rest_over_websocket = rest_over_websocket
+        self.rest_lanes = rest_lanes if rest_over_websocket else 0
+        self.websocket_window = websocket_window
         self.event_types = frozenset(event_types) if event_types is not None else None
-        #: The websocket on which Asterisk answered the probe (REST goes there), else None (HTTP).
-        self._rest_ws: ClientConnection | None = None
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: Websockets on which Asterisk answered the probe: REST goes there (none: HTTP).
+        self._ready: list[ClientConnection] = []
+        #: Per websocket, the requests waiting for their answer on it.
+        self._waiting: dict[ClientConnection, dict[str, asyncio.Future[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
         #: REST requests sent over the websocket / over HTTP (for tests and the load benchmark).
         self.ws_requests = 0
@@ -182,12 +192,32 @@ class AriClient:
         """One REST call; raises ChannelGone, AriUnavailable or AriError."""
         query = {k: _q(v) for k, v in (params or {}).items() if v is not None}
         wait = timeout if timeout is not None else self.timeout
-        ws = self._rest_ws
+        ws = self._lane()
         if ws is not None:
             status, text = await self._ws_request(ws, method, path, query, body, wait)
         else:
             status, text = await self._http_request(method, path, query, body, wait)
         return _check(method, path, status, text)
+
+    def _lane(self) -> ClientConnection | None:
+        """The websocket with the fewest requests waiting, if it has room (else: HTTP).
+
+        Asterisk answers one websocket's requests strictly in turn, in one thread: behind a slow one
+        (creating a channel on a loaded box) every other waits. The load benchmark found a burst of 200
+        calls ending at once queueing ~90 requests on a single websocket and new callers waiting 2.7 s
+        for their answer; several lanes are answered in parallel, and each costs the app no more."""
+        best: ClientConnection | None = None
+        fewest = self.websocket_window
+        for ws in self._ready:
+            waiting = len(self._waiting.get(ws, ()))
+            if waiting < fewest:
+                best, fewest = ws, waiting
+        return best
+
+    @property
+    def rest_websockets(self) -> int:
+        """How many websockets REST requests go to now (0: HTTP only)."""
+        return len(self._ready)
 
     async def _http_request(
         self, method: str, path: str, query: dict[str, str], body: Any, timeout: float
@@ -224,16 +254,17 @@ class AriClient:
             message["content_type"] = "application/json"
             message["message_body"] = json.dumps(body)
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = answer
+        waiting = self._waiting.setdefault(ws, {})
+        waiting[request_id] = answer
         try:
             await ws.send(json.dumps(message))
             response = await asyncio.wait_for(answer, timeout)
         except TimeoutError as exc:
             raise AriUnavailable(f"ARI {method} {path}: timed out (websocket)") from exc
         except ConnectionClosed as exc:
-            raise AriUnavailable(f"ARI {method} {path}: event websocket closed") from exc
+            raise AriUnavailable(f"ARI {method} {path}: websocket closed") from exc
         finally:
-            self._pending.pop(request_id, None)
+            waiting.pop(request_id, None)
         status, body_text = response.get("status_code"), response.get("message_body")
         if not isinstance(status, int) or status < 100:
             raise AriError(f"ARI {method} {path}: answer without a status on the websocket")
@@ -399,51 +430,69 @@ class AriClient:
 
     # --- events -----------------------------------------------------------------------------------------
 
-    def _ws_url(self) -> str:
+    def _ws_url(self, app: str | None = None) -> str:
         parts = urlsplit(self._base)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        return urlunsplit((scheme, parts.netloc, parts.path + "/events", f"app={self.app}", ""))
+        query = urlencode({"app": app or self.app})
+        return urlunsplit((scheme, parts.netloc, parts.path + "/events", query, ""))
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event of the app, forever. Reconnects with capped backoff and yields ``CONNECTED`` after
         each connection, because events that happened while disconnected are lost and must be re-read.
 
-        The websocket is read by a task of its own (owned by this generator), so REST answers arriving on
-        it are delivered even while the consumer is busy awaiting one of them."""
+        The websockets (events, and the REST lanes) are read by tasks of their own, owned by this
+        generator, so REST answers are delivered even while the consumer is busy awaiting one of them."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        reader = asyncio.create_task(self._read_connections(queue), name=f"ari-events-{self.app}")
-        reader.add_done_callback(lambda _: queue.put_nowait({"type": _READER_STOPPED}))
+        readers = [asyncio.create_task(self._keep_connected(self.app, queue), name=f"ari-events-{self.app}")]
+        readers += [
+            asyncio.create_task(self._keep_connected(f"{self.app}-rest-{i}", None), name=f"ari-rest-{i}")
+            for i in range(1, self.rest_lanes + 1)
+        ]
+        for reader in readers:
+            reader.add_done_callback(lambda _: queue.put_nowait({"type": _READER_STOPPED}))
         try:
             while True:
                 event = await queue.get()
                 if event.get("type") == _READER_STOPPED:
-                    reader.result()  # the reader died of a bug: raise it here
+                    for reader in readers:
+                        if reader.done():
+                            reader.result()  # a reader died of a bug: raise it here
                     raise AriError("ARI event reader stopped")
                 yield event
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for reader in readers:
+                reader.cancel()
+            for reader in readers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
-    async def _read_connections(self, queue: asyncio.Queue[Event]) -> None:
+    async def _keep_connected(self, app: str, queue: asyncio.Queue[Event] | None) -> None:
+        """One websocket, reconnected forever: the app's events into ``queue``, or (``queue`` None) a REST
+        lane of its own app name that receives nothing but answers."""
+        events = queue is not None
         token = base64.b64encode(f"{self._username}:{self._password}".encode()).decode()
         backoff = 0.5
         while True:
+            ws: ClientConnection | None = None
             try:
                 async with websockets.connect(
-                    self._ws_url(),
+                    self._ws_url(app),
                     additional_headers={"Authorization": f"Basic {token}"},
                     open_timeout=self.timeout,
                     ping_interval=10,
                     ping_timeout=10,
                     max_size=2**22,
                 ) as ws:
-                    self._ws = ws
-                    log.info("ari event=connected app=%s reconnects=%d", self.app, self.reconnects)
                     backoff = 0.5
-                    await self._set_event_filter()
-                    queue.put_nowait({"type": CONNECTED})
-                    probe = asyncio.create_task(self._probe(ws)) if self.rest_over_websocket else None
+                    if queue is not None:
+                        self._ws = ws
+                        log.info("ari event=connected app=%s reconnects=%d", app, self.reconnects)
+                        if self.event_types is not None:
+                            await self._set_event_filter(app, self.event_types)
+                        queue.put_nowait({"type": CONNECTED})
+                    else:
+                        await self._set_event_filter(app, frozenset())
+                    probe = asyncio.create_task(self._probe(ws, app)) if self.rest_over_websocket else None
                     try:
                         await self._read(ws, queue)
                     finally:
@@ -451,22 +500,21 @@ class AriClient:
                             probe.cancel()
                             with contextlib.suppress(asyncio.CancelledError):
                                 await probe
-                    log.warning("ari event=disconnected app=%s", self.app)
+                    log.warning("ari event=disconnected app=%s", app)
             except (OSError, websockets.WebSocketException, TimeoutError, AriError) as exc:
                 log.warning(
-                    "ari event=unreachable app=%s error=%s retry_in=%.1fs",
-                    self.app,
-                    type(exc).__name__,
-                    backoff,
+                    "ari event=unreachable app=%s error=%s retry_in=%.1fs", app, type(exc).__name__, backoff
                 )
             finally:
-                self._connection_gone()
-            self.reconnects += 1
+                self._connection_gone(ws, events)
+            if events:
+                self.reconnects += 1
             await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))  # noqa: S311 - jitter, not crypto
             backoff = min(backoff * 2, self.reconnect_max_s)
 
-    async def _read(self, ws: ClientConnection, queue: asyncio.Queue[Event]) -> None:
+    async def _read(self, ws: ClientConnection, queue: asyncio.Queue[Event] | None) -> None:
         """Events into the queue, REST answers to their requests, until the connection closes."""
+        waiting = self._waiting.setdefault(ws, {})
         with contextlib.suppress(ConnectionClosed):
             async for message in ws:
                 try:
@@ -477,39 +525,44 @@ class AriClient:
                 if not isinstance(event, dict):
                     continue
                 if event.get("type") == REST_RESPONSE:
-                    answer = self._pending.get(str(event.get("request_id", "")))
+                    answer = waiting.get(str(event.get("request_id", "")))
                     if answer is not None and not answer.done():
                         answer.set_result(event)
-                    continue
-                queue.put_nowait(event)
+                elif queue is not None:
+                    queue.put_nowait(event)
 
-    async def _probe(self, ws: ClientConnection) -> None:
-        """Switch REST to this websocket if Asterisk answers a request on it (older versions do not)."""
+    async def _probe(self, ws: ClientConnection, app: str) -> None:
+        """Send REST to this websocket too if Asterisk answers a request on it (older versions do not)."""
         try:
             status, _ = await self._ws_request(ws, "GET", "/asterisk/ping", {}, None, PROBE_TIMEOUT_S)
         except AriUnavailable:
-            log.info("ari event=rest_over_websocket_unavailable app=%s (REST over HTTP)", self.app)
+            log.info("ari event=rest_over_websocket_unavailable app=%s (REST over HTTP)", app)
             return
-        if status == 200 and self._ws is ws:
-            self._rest_ws = ws
-            log.info("ari event=rest_over_websocket app=%s", self.app)
+        if status == 200 and ws.state is websockets.State.OPEN and ws not in self._ready:
+            self._ready.append(ws)
+            log.info("ari event=rest_over_websocket app=%s websockets=%d", app, len(self._ready))
 
-    async def _set_event_filter(self) -> None:
-        """Only the events the app uses (over HTTP: the websocket is not being read yet)."""
-        if self.event_types is None:
-            return
-        allowed = sorted(self.event_types | {REST_RESPONSE})
-        await self.request(
-            "PUT", f"/applications/{self.app}/eventFilter", body={"allowed": [{"type": t} for t in allowed]}
+    async def _set_event_filter(self, app: str, types: frozenset[str]) -> None:
+        """Only these events (and REST answers) for ``app`` (over HTTP: its websocket is not read yet).
+        Asterisk forgets an app's filter when its websocket closes, so this follows every connection."""
+        allowed = sorted(types | {REST_RESPONSE})
+        path = f"/applications/{app}/eventFilter"
+        status, text = await self._http_request(
+            "PUT", path, {}, {"allowed": [{"type": t} for t in allowed]}, self.timeout
         )
+        _check("PUT", path, status, text)
 
-    def _connection_gone(self) -> None:
-        """REST goes back to HTTP; requests still waiting for an answer on the websocket fail."""
-        self._ws = None
-        self._rest_ws = None
-        for request_id, answer in list(self._pending.items()):
+    def _connection_gone(self, ws: ClientConnection | None, events: bool) -> None:
+        """REST stops going there; requests still waiting for an answer on it fail now."""
+        if events:
+            self._ws = None
+        if ws is None:
+            return
+        if ws in self._ready:
+            self._ready.remove(ws)
+        for request_id, answer in self._waiting.pop(ws, {}).items():
             if not answer.done():
-                answer.set_exception(AriUnavailable(f"ARI request {request_id}: event websocket closed"))
+                answer.set_exception(AriUnavailable(f"ARI request {request_id}: websocket closed"))
 
     async def drop_event_connection(self) -> None:
         """Close the event websocket (used by tests and by a stalled-connection watchdog)."""

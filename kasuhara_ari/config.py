@@ -42,6 +42,8 @@ class AriConfig:
     reconnect_max_s: float = 10.0
     #: REST requests over the event websocket when Asterisk answers there (20.12/21.7/22.2+), else HTTP.
     rest_over_websocket: bool = True
+    #: Websockets for REST besides the event one (Asterisk answers each websocket's requests in turn).
+    rest_lanes: int = 3
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("policy.warn_before_s: must be between 0 and policy.time_budget_s")
     if pol.repeat_calls < 0 or pol.repeat_window_days < 1:
         raise ConfigError("policy.repeat_calls / repeat_window_days: repeat_calls >= 0, window >= 1 day")
+    if not 0 <= cfg.ari.rest_lanes <= 16:
+        raise ConfigError(f"ari.rest_lanes: must be between 0 and 16, got {cfg.ari.rest_lanes}")
     if not 0 <= cfg.mqtt.linger_ms <= 1000:
         raise ConfigError(f"mqtt.linger_ms: must be between 0 and 1000, got {cfg.mqtt.linger_ms}")
     if cfg.retention.days < 1:

@@ -96,6 +96,7 @@ class Service(Runtime):
             timeout=cfg.ari.request_timeout_s,
             reconnect_max_s=cfg.ari.reconnect_max_s,
             rest_over_websocket=cfg.ari.rest_over_websocket,
+            rest_lanes=cfg.ari.rest_lanes,
             event_types=STASIS_EVENTS,
         )
         ami = AmiClient(

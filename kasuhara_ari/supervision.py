@@ -110,6 +110,7 @@ class SupervisionSession:
             timeout=cfg.ari.request_timeout_s,
             reconnect_max_s=cfg.ari.reconnect_max_s,
             rest_over_websocket=cfg.ari.rest_over_websocket,
+            rest_lanes=0,  # a short-lived command: its few requests need no lanes
         )
         self.call_bridge = f"kasuhara-{self.call_id}"
         self.leg = f"{self.call_id}-sv-{token}"

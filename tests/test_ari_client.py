@@ -86,8 +86,8 @@ async def connected(ari: AriClient) -> AsyncIterator[dict[str, Any]]:
     first = await asyncio.wait_for(anext(stream), 5)
     assert first["type"] == CONNECTED
     deadline = time.monotonic() + 3
-    while ari.rest_over_websocket and ari._rest_ws is None:
-        assert time.monotonic() < deadline, "Asterisk never answered the websocket probe"
+    while ari.rest_over_websocket and ari.rest_websockets < 1 + ari.rest_lanes:
+        assert time.monotonic() < deadline, "Asterisk never answered the websocket probes"
         await asyncio.sleep(0.01)
     return stream
 
@@ -125,15 +125,25 @@ async def test_http_when_the_websocket_is_off_or_down(asterisk: Config) -> None:
         await ari.info()
         assert ari.ws_requests == 0 and ari.http_requests >= 1
         await stream.aclose()
-    async with client(asterisk, reconnect_max_s=5) as ari:
+    async with client(asterisk, rest_lanes=0, reconnect_max_s=5) as ari:
         stream = await connected(ari)
         await ari.drop_event_connection()
         await asyncio.sleep(0.2)
         before = ari.http_requests
-        await ari.info()  # while the websocket is down: HTTP
+        await ari.info()  # while the (only) websocket is down: HTTP
         assert ari.http_requests == before + 1
         again = await asyncio.wait_for(anext(stream), 10)
         assert again["type"] == CONNECTED
+        await stream.aclose()
+    async with client(asterisk, reconnect_max_s=5) as ari:
+        stream = await connected(ari)
+        await ari.drop_event_connection()
+        await asyncio.sleep(0.2)
+        assert ari.rest_websockets == ari.rest_lanes
+        before = ari.ws_requests
+        await ari.info()  # the event websocket is down, the REST lanes are not
+        assert ari.ws_requests == before + 1
+        assert (await asyncio.wait_for(anext(stream), 10))["type"] == CONNECTED
         await stream.aclose()
 
 
@@ -240,15 +250,17 @@ async def test_without_an_answer_to_the_probe_rest_stays_on_http(asterisk: Confi
         relay_port = server.sockets[0].getsockname()[1]
         async with client(asterisk) as ari:
             monkeypatch.setattr(
-                ari, "_ws_url", lambda: f"ws://127.0.0.1:{relay_port}/ari/events?app={ari.app}"
+                ari,
+                "_ws_url",
+                lambda app=None: f"ws://127.0.0.1:{relay_port}/ari/events?app={app or ari.app}",
             )
             stream = ari.events()
             assert (await asyncio.wait_for(anext(stream), 5))["type"] == CONNECTED
-            await asyncio.sleep(1.0)  # the probe has given up
-            assert ari._rest_ws is None
+            await asyncio.sleep(1.0)  # the probes have given up
+            assert ari.rest_websockets == 0
             await ari.info()
             assert ari.http_requests >= 1
-            assert ari.ws_requests == 1  # the probe only
+            assert ari.ws_requests == 1 + ari.rest_lanes  # the probes only
             await stream.aclose()
 
 
@@ -273,3 +285,36 @@ async def test_event_filter_lets_through_only_the_named_events(asterisk: Config)
             await stream.aclose()
     assert "ChannelVarset" in seen[False]
     assert set(seen[True]) <= {"StasisStart", "StasisEnd", "ChannelDestroyed"}, seen[True]
+
+
+async def test_requests_spread_over_lanes_and_beyond_them_go_over_http(
+    asterisk: Config, monkeypatch: Any
+) -> None:
+    """Asterisk answers a websocket's requests one at a time: each request goes to the websocket with the
+    fewest waiting (here: held back by a proxy), and with ``websocket_window`` waiting on every one, over
+    HTTP, which is answered at once."""
+    port = int(asterisk.ari.url.rsplit(":", 1)[1])
+    proxy = StallingProxy(port)
+    proxy_port = await proxy.start()
+    async with client(asterisk, rest_lanes=2, websocket_window=2) as ari:
+        monkeypatch.setattr(
+            ari, "_ws_url", lambda app=None: f"ws://127.0.0.1:{proxy_port}/ari/events?app={app or ari.app}"
+        )
+        try:
+            stream = await connected(ari)
+            assert ari.rest_websockets == 3
+            proxy.hold.clear()
+            held = [asyncio.create_task(ari.request("GET", "/asterisk/ping")) for _ in range(6)]
+            await asyncio.sleep(0.2)
+            assert not any(t.done() for t in held)
+            assert sorted(len(w) for w in ari._waiting.values() if w) == [2, 2, 2]  # evenly spread
+            before = ari.http_requests
+            t0 = time.monotonic()
+            assert (await ari.request("GET", "/asterisk/ping"))["ping"] == "pong"
+            assert time.monotonic() - t0 < 1.0
+            assert ari.http_requests == before + 1
+            proxy.hold.set()
+            assert all(r["ping"] == "pong" for r in await asyncio.gather(*held))
+            await stream.aclose()
+        finally:
+            await proxy.stop()
