@@ -58,24 +58,49 @@ class Runtime:
         return self.uploader
 
     async def _run_with(self, *main: tuple[Callable[[], Coroutine[Any, Any, Any]], str]) -> None:
-        """Connect AMI (it keeps retrying on its own), then run ``main`` and every runner until cancelled."""
+        """Connect AMI (it keeps retrying on its own), then run ``main`` and every runner until cancelled.
+
+        Stopping goes in order: ``main`` first (calls are torn down, which emits their last events),
+        then the closers (the publisher flushes those events while it still runs), then the runners.
+        Cancelled all at once, the publisher would stop before the calls' ``ended`` events reached it."""
         self.ami.connect()
         with contextlib.suppress(AmiError):
             await self.ami.wait_ready(timeout=3)
+        runners = [
+            asyncio.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
+            for runner in self._runners
+        ]
         try:
             async with asyncio.TaskGroup() as tasks:
                 for factory, name in main:
                     tasks.create_task(factory(), name=name)
-                for runner in self._runners:
-                    tasks.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
+                if runners:
+                    tasks.create_task(_fail_with(runners), name="runners")
         finally:
-            await self.aclose()
+            try:
+                await self.aclose()
+            finally:
+                for task in runners:
+                    task.cancel()
+                await asyncio.gather(*runners, return_exceptions=True)
 
     async def aclose(self) -> None:
         for closer in self._closers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closer(), 6)
         self.ami.close()
+
+
+async def _fail_with(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait while the runners run; the first that fails ends the service, as in one TaskGroup."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                raise error
+    await asyncio.Event().wait()  # all of them returned: nothing to watch, the service goes on
 
 
 class Service(Runtime):

@@ -27,7 +27,7 @@ from escalation_helpers import (
     wait_for_files,
     with_supervisors,
 )
-from sip import agent_port, caller, free_udp_port
+from sip import agent_port, answering, caller, free_udp_port
 from test_events import Collector, first_seen, running_mosquitto
 
 pytestmark = pytest.mark.integration
@@ -185,3 +185,29 @@ async def until_event(memory: MemoryEvents, name: str, timeout: float = 30) -> s
                 return str(e["call_id"])
         await asyncio.sleep(0.05)
     raise AssertionError(f"no {name}: {[e['event'] for e in memory.events]}")
+
+
+async def test_stopping_the_service_mid_call_still_publishes_the_end(
+    call_cfg: Config, mqtt_broker: Config, sip_workdir: Path
+) -> None:
+    """``kasuhara serve`` stopped (SIGTERM) during a call: the call is torn down, and its last events
+    (``ended``) still reach the broker before the publisher disconnects: calls are stopped first, the
+    publisher flushes, and only then is it stopped."""
+    prefix = f"kasuhara-test/{uuid.uuid4().hex[:12]}"
+    port = agent_port()
+    cfg = replace(call_cfg, mqtt=replace(mqtt_broker.mqtt, enabled=True, topic_prefix=prefix))
+    async with Collector(cfg.mqtt.port, prefix) as sub:
+        service = Service(cfg)
+        task = await started_service(service)
+        agent = await answering(sip_workdir, port).start()
+        phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=30000).start()
+        try:
+            await sub.wait_for(lambda c: any(p["event"] == "agent_answered" for p in c.calls()), timeout=20)
+            await stop_task(task)  # what SIGTERM does in `kasuhara serve`
+            await sub.wait_for(lambda c: any(p["event"] == "ended" for p in c.calls()), timeout=10)
+        finally:
+            await stop_all(phone, agent)
+    call_id, payloads = call_payloads(sub, port)
+    assert [p["event"] for p in payloads][-2:] == ["agent_answered", "ended"]
+    assert [p["state"] for p in sub.statuses()][-1:] == ["offline"]
+    await wait_for_files(cfg.recording.host_dir, call_id)
