@@ -637,7 +637,8 @@ async def run_level(
     exten = ("5" if flow == "app" else "6") + str(port)[1:]
     tag = f"{flow}-{level}"
     agent = answering(workdir, port, ring_ms=RING_MS, hold_ms=0, calls=calls_n, name=f"agent-{tag}")
-    timeout_s = int(calls_n / rate + args.call_s + 90)
+    # The ramp, or (many waves) the concurrency cap: each call holds a slot for the notice + talk time.
+    timeout_s = int(max(calls_n / rate, calls_n * (args.call_s + 8) / level) + args.call_s + 90)
     phone = caller(
         workdir,
         exten,
