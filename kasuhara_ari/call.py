@@ -180,7 +180,7 @@ class Call:
         """Absorb one event (False if none came within ``timeout``; None: wait for one however long).
 
         Waits are for events, not polls: a call that is simply talking costs nothing until something
-        happens (the load benchmark found a 0.25-s poll per call to be a fifth of the app's CPU)."""
+        happens (the load benchmark found a 0.25-s poll per call to be over a tenth of the app's CPU)."""
         if not self.inbox.empty():
             event = self.inbox.get_nowait()
         elif timeout is None:
@@ -280,8 +280,8 @@ class Call:
         self.record.events.append({"event": event, "at": at, **fields})
 
     def _set_state(self, state: CallState) -> None:
-        # DEBUG: five lines per call at INFO were a tenth of the app's CPU under load; the INFO lines are
-        # the call's start, each channel's end and the written metadata (with the reason).
+        # DEBUG: logging was several per cent of the app's CPU under load, half of it these lines. At INFO:
+        # the call's start, a channel's end for an unusual cause, and the written metadata (with the reason).
         log.debug("call event=state call_id=%s from=%s to=%s", self.call_id, self.state.value, state.value)
         self.state = state
 

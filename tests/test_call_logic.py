@@ -178,7 +178,7 @@ async def test_happy_path_notice_before_agent_and_metadata(tmp_path: Path) -> No
 
 async def test_a_talking_call_waits_for_events_without_polling(tmp_path: Path, monkeypatch: Any) -> None:
     """While both sides talk nothing happens in the app until an event comes (a hangup, a key): the
-    load benchmark found a 0.25-s poll per call to cost a fifth of the app's CPU."""
+    load benchmark found a 0.25-s poll per call to cost over a tenth of the app's CPU."""
     checks = 0
     original = Call.take_agent_action
 
