@@ -65,6 +65,11 @@ def test_env_sets_key_absent_from_file_and_list_and_table(tmp_path: Path) -> Non
         ("[retention]\ndays = 0\n", {}, "retention.days"),
         ("[ari]\nurl = 'localhost:8088'\n", {}, "ari.url"),
         ("[announcement]\nlanguage = '../x'\n", {}, "announcement.language"),
+        ("[ari]\nrest_lanes = 17\n", {}, "ari.rest_lanes"),
+        ("", {"KASUHARA_ARI__REST_LANES": "-1"}, "ari.rest_lanes"),
+        ("[mqtt]\nlinger_ms = 5000\n", {}, "mqtt.linger_ms"),
+        ("[mqtt]\nlinger_ms = -1\n", {}, "mqtt.linger_ms"),
+        ("[recording]\ncompletion = 'poll'\n", {}, "recording.completion"),
         ("not toml [", {}, "not valid TOML"),
     ],
 )

@@ -567,6 +567,22 @@ async def test_close_flushes_everything_before_offline(mosquitto: Mosquitto, pre
 
 
 @pytest.mark.integration
+async def test_close_while_lingering_loses_nothing(mosquitto: Mosquitto, prefix: str) -> None:
+    """An event held back by ``linger`` (waiting for its burst) is still sent when close comes during
+    the wait, and before the offline status."""
+    async with Collector(mosquitto.port, prefix) as sub:
+        async with MqttEvents(port=mosquitto.port, topic_prefix=prefix, linger_s=0.5) as events:
+            await sub.wait_for(lambda c: any(s["state"] == "online" for s in c.statuses()))
+            events.emit("long_call", "c1", duration_s=1.0)
+            await asyncio.sleep(0.05)  # the publisher is now lingering
+            events.emit("long_call", "c2", duration_s=2.0)
+        await sub.wait_for(lambda c: any(s["state"] == "offline" for s in c.statuses()))
+    order = [p.get("seq", p.get("state")) for _, p, _ in sub.messages]
+    assert order == ["online", 1, 2, "offline"]
+    assert events.stats.published == 2 and events.stats.dropped == 0
+
+
+@pytest.mark.integration
 async def test_emit_from_other_threads(mosquitto: Mosquitto, prefix: str) -> None:
     async with (
         Collector(mosquitto.port, prefix) as sub,
