@@ -99,6 +99,9 @@ class OutboundCall(Call):
             await self._quietly(ari.hangup(agent, "congestion"))
             return False
         self.caller = created
+        # Dial before its StasisStart answers 409 "not in Stasis": the REST lanes make that race common
+        # (create and dial may go over different websockets, which Asterisk serves in different threads).
+        await self.until_in_stasis(customer_id)
         timeout = self.deps.cfg.routing.dial_timeout_s
         await ari.dial(customer_id, caller=agent, timeout_s=timeout)
         self.emit("customer_ringing", target=self.target)

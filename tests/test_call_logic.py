@@ -18,6 +18,7 @@ from kasuhara_ari.ari import Channel, ChannelGone
 from kasuhara_ari.call import Call, CallDeps
 from kasuhara_ari.config import load
 from kasuhara_ari.events import MemoryEvents
+from kasuhara_ari.outbound import OutboundCall
 from kasuhara_ari.recording import Recorder
 
 
@@ -39,8 +40,19 @@ class FakeAmi:
 class FakeAri:
     """Plays Asterisk's part: answers with the events a real one would send."""
 
-    def __init__(self, *, notice: str = "finish", agent: str = "answer", talk_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        *,
+        notice: str = "finish",
+        agent: str = "answer",
+        talk_s: float = 0.05,
+        stasis_delay_s: float = 0.0,
+    ) -> None:
         self.ops: list[tuple[str, Any]] = []
+        # A created channel's StasisStart comes this long after the create request returns (under load,
+        # or with the request and the events on different websockets); until then dial and addChannel fail.
+        self.stasis_delay_s = stasis_delay_s
+        self.in_stasis: set[str] = set()
         self.talk_s = talk_s
         self.call: Call | None = None
         self.notice = notice
@@ -83,10 +95,24 @@ class FakeAri:
         self, endpoint: str, *, channel_id: str, app_args: str = "", originator=None, variables=None
     ):
         self.ops.append(("create", (endpoint, channel_id)))
-        self._send({"type": "StasisStart", "channel": {"id": channel_id}, "args": app_args.split(",")})
+        event = {"type": "StasisStart", "channel": {"id": channel_id}, "args": app_args.split(",")}
+
+        def enter() -> None:
+            self.in_stasis.add(channel_id)
+            self._send(event)
+
+        if self.stasis_delay_s:
+            asyncio.get_running_loop().call_later(self.stasis_delay_s, enter)
+        else:
+            enter()
         return Channel(channel_id, endpoint, "Down", "", "", "ja")
 
+    def _must_be_in_stasis(self, channel_id: str) -> None:
+        if channel_id.endswith(("-agent", "-customer")) and channel_id not in self.in_stasis:
+            raise ChannelGone("Channel not in Stasis application", 409)
+
     async def dial(self, channel_id: str, *, caller=None, timeout_s=None) -> None:
+        self._must_be_in_stasis(channel_id)
         self.ops.append(("dial", channel_id))
         if self.agent == "answer":
             self._send({"type": "ChannelStateChange", "channel": {"id": channel_id, "state": "Up"}})
@@ -114,6 +140,7 @@ class FakeAri:
     async def add_to_bridge(
         self, bridge_id: str, channel_id: str, *, absorb_dtmf: bool = False, role=None
     ) -> None:
+        self._must_be_in_stasis(channel_id)
         self.ops.append(("add", (channel_id, absorb_dtmf)))
 
     async def destroy_bridge(self, bridge_id: str) -> None:
@@ -131,7 +158,12 @@ class FakeAri:
 
 
 async def run_call(
-    tmp_path: Path, ari: FakeAri, ami: FakeAmi | None = None, *, completion: str = "watch"
+    tmp_path: Path,
+    ari: FakeAri,
+    ami: FakeAmi | None = None,
+    *,
+    completion: str = "watch",
+    outbound: bool = False,
 ) -> tuple[dict[str, Any], MemoryEvents]:
     cfg = load(
         env={"KASUHARA_RECORDING__ASTERISK_DIR": "/spool/k", "KASUHARA_RECORDING__LOCAL_DIR": str(tmp_path)}
@@ -151,8 +183,13 @@ async def run_call(
         events,
         on_metadata,
     )
-    caller = Channel("c1", "PJSIP/caller-0001", "Ring", "0312345678", "Taro", "ja")
-    call = Call(deps, caller, "1700000000.1", "PJSIP/agent")
+    call: Call
+    if outbound:  # the agent's phone dials out; the customer is rung
+        agent = Channel("a1", "PJSIP/agent-0001", "Ring", "agent", "", "ja")
+        call = OutboundCall(deps, agent, "1700000000.1", "PJSIP/customer")
+    else:
+        caller = Channel("c1", "PJSIP/caller-0001", "Ring", "0312345678", "Taro", "ja")
+        call = Call(deps, caller, "1700000000.1", "PJSIP/agent")
     ari.call = call
     await asyncio.wait_for(call.run(), 5)
     assert notified == ["1700000000.1"]
@@ -191,6 +228,17 @@ async def test_a_talking_call_waits_for_events_without_polling(tmp_path: Path, m
     meta, _ = await run_call(tmp_path, FakeAri(talk_s=1.5))
     assert meta["end_reason"] == "agent_hungup"
     assert checks <= 3, checks  # once on entering, once per event; a 0.25-s poll would make it 7+
+
+
+@pytest.mark.parametrize("outbound", [False, True], ids=["inbound-agent", "outbound-customer"])
+async def test_a_created_leg_is_used_only_after_its_stasis_start(tmp_path: Path, outbound: bool) -> None:
+    """Found by CI: the outbound flow dialled the customer's new channel before its StasisStart and
+    Asterisk answered 409 "Channel not in Stasis application", ending the call."""
+    ari = FakeAri(stasis_delay_s=0.05)
+    meta, events = await run_call(tmp_path, ari, outbound=outbound)
+    assert "dial" in ari.names(), ari.ops
+    assert meta["notice_played"] is True
+    assert "agent_answered" in [e["event"] for e in events.events]
 
 
 async def test_caller_hangs_up_during_notice_no_agent_rung(tmp_path: Path) -> None:
