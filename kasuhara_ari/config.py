@@ -87,6 +87,10 @@ class RoutingConfig:
     dial_timeout_s: int = 30
 
 
+#: How the app learns that MixMonitor closed a file (``recording.completion``).
+COMPLETION_MODES = ("watch", "command")
+
+
 @dataclass(frozen=True)
 class RecordingConfig:
     asterisk_dir: str = "/var/spool/asterisk/monitor/kasuhara"
@@ -311,7 +315,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"ari.url: must start with http:// or https://, got {cfg.ari.url!r}")
     if not cfg.recording.asterisk_dir.startswith("/"):
         raise ConfigError("recording.asterisk_dir: must be an absolute path")
-    if cfg.recording.completion not in ("watch", "command"):
+    if cfg.recording.completion not in COMPLETION_MODES:
         raise ConfigError(
             f"recording.completion: must be 'watch' or 'command', got {cfg.recording.completion!r}"
         )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .config import COMPLETION_MODES
 from .inotify import IN_Q_OVERFLOW, DirectoryWatch, InotifyUnavailable
 from .safe import is_safe_call_id, safe_call_id
 
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "kasuhara.recording/1"
 #: Channel variable into which MixMonitor stores its id (``i()`` option): proof that it started.
 MIXMONITOR_ID_VAR = "KASUHARA_MIXMON_ID"
-#: How the app learns that MixMonitor closed a file (``recording.completion``).
-COMPLETION_MODES = ("watch", "command")
 
 
 class RecordingError(Exception):
@@ -328,15 +327,15 @@ class CompletionWatcher:
             log.warning("recording event=sweep_failed dir=%s error=%s", self.host_dir, exc)
             return []
         present = set(names)
-        closed = [
-            n[: -len(".wav")]
-            for n in names
-            if n.endswith(".wav")
-            and f"{n[: -len('.wav')]}.done" not in present
-            and is_safe_call_id(n[: -len(".wav")])
-            and wav_header_final(self.host_dir / n)
-        ]
-        return self._mark(set(closed))
+        stems = (n[: -len(".wav")] for n in names if n.endswith(".wav"))
+        closed = {
+            s
+            for s in stems
+            if f"{s}.done" not in present
+            and is_safe_call_id(s)
+            and wav_header_final(self.host_dir / f"{s}.wav")
+        }
+        return self._mark(closed)
 
     def _write_marker(self, call_id: str) -> bool:
         marker = self.host_dir / f"{call_id}.done"

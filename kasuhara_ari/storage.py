@@ -336,28 +336,29 @@ class HashingReader:
         return data
 
 
-def hash_file_md5(path: Path, *, chunk: int = CHUNK) -> tuple[int, str, str]:
-    """Size, sha256 and MD5 of a file in one pass (MD5: what S3 gives a single-part object as its ETag)."""
+def _digest_file(path: Path, chunk: int, *, md5: bool) -> tuple[int, str, str]:
+    """Size, sha256 and (if asked) MD5 of a file, read in chunks (never the whole file in memory)."""
     h = hashlib.sha256()
-    m = hashlib.md5(usedforsecurity=False)
+    m = hashlib.md5(usedforsecurity=False) if md5 else None
     size = 0
     with path.open("rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
-            m.update(block)
+            if m is not None:
+                m.update(block)
             size += len(block)
-    return size, h.hexdigest(), m.hexdigest()
+    return size, h.hexdigest(), m.hexdigest() if m is not None else ""
+
+
+def hash_file_md5(path: Path, *, chunk: int = CHUNK) -> tuple[int, str, str]:
+    """Size, sha256 and MD5 of a file in one pass (MD5: what S3 gives a single-part object as its ETag)."""
+    return _digest_file(path, chunk, md5=True)
 
 
 def hash_file(path: Path, *, chunk: int = CHUNK) -> tuple[int, str]:
-    """Size and sha256 of a file, read in chunks (never the whole file in memory)."""
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
+    """Size and sha256 of a file."""
+    size, sha, _ = _digest_file(path, chunk, md5=False)
+    return size, sha
 
 
 def decode_sse_c_key(value: str) -> bytes | None:

@@ -437,7 +437,7 @@ class App:
                 str(self.proc.pid),
                 "-r",
                 "100",
-                *(["--gil"] if not os.environ.get("KX_ALLTHREADS") else []),
+                "--gil",
                 "-o",
                 str(out),
                 "-f",

@@ -125,6 +125,16 @@ async def stop_all(*phones: Phone) -> None:
         await phone.stop()
 
 
+async def all_finish(phone: Phone, *others: Phone) -> None:
+    """The caller's phone finishes its scenario, then each of the others; every phone is stopped anyway."""
+    try:
+        assert await phone.wait(60) == 0, phone.error_text()
+        for other in others:
+            assert await other.wait(10) == 0, other.error_text()
+    finally:
+        await stop_all(phone, *others)
+
+
 # --- what the service did -------------------------------------------------------------------------------
 
 

@@ -210,6 +210,13 @@ class Harness:
         validate_recording(doc)
         return doc
 
+    async def finished(self, call_id: str, timeout: float = 5) -> None:
+        """Until the call's end is handed on (after its metadata is written and its pending file removed)."""
+        deadline = time.monotonic() + timeout
+        while call_id not in self.notified:
+            assert time.monotonic() < deadline, f"{call_id} not handed on"
+            await asyncio.sleep(0.02)
+
     async def settle(self) -> None:
         """Let the watch apply what was queued."""
         for _ in range(5):
@@ -565,6 +572,7 @@ async def test_call_is_answered_recorded_announced_then_finished_by_ami_hangup(h
     end = answered.timestamp() + 12.5
     hangup(ami, at=end)
     meta = await harness.metadata(LINKEDID)
+    await harness.finished(LINKEDID)
     assert meta["call_id"] == LINKEDID
     assert meta["direction"] == "inbound"
     assert meta["caller"] == {"number": "0312345678", "name": "Yamada Taro"}
@@ -739,6 +747,7 @@ async def test_restart_finishes_calls_whose_channel_is_gone_and_keeps_live_ones(
     second, tasks = await start_harness(tmp_path, ami)
     try:
         meta = await second.metadata("1.1")
+        await second.finished("1.1")
         assert meta["ended_at_source"] == "estimated"
         assert meta["ended_at"] == datetime.fromtimestamp(ended, UTC).isoformat(timespec="milliseconds")
         assert meta["end_reason"] == "ended_while_not_watched"

@@ -118,6 +118,7 @@ async def test_start_up_sweep_finds_files_closed_while_nobody_watched(tmp_path: 
     (tmp_path / "3.3.done").write_bytes(b"")  # marked already
     async with watching(tmp_path, sweep_interval_s=60) as (_watcher, told):
         await until(lambda: (tmp_path / "1.1.done").exists())
+        await until(lambda: bool(told))  # told after the marker is written (back from the thread)
         assert not (tmp_path / "2.2.done").exists()
         assert told == ["1.1"]
 
@@ -131,6 +132,7 @@ async def test_without_inotify_the_periodic_sweep_marks(tmp_path: Path, monkeypa
         assert not watcher.inotify
         (tmp_path / "4.4.wav").write_bytes(wav_bytes(800, final=True))
         await until(lambda: (tmp_path / "4.4.done").exists(), 2.0)
+        await until(lambda: bool(told))
         assert told == ["4.4"]
 
 

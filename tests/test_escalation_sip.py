@@ -38,6 +38,7 @@ from escalation_helpers import (
     SUPERVISOR_HZ,
     TONES,
     agent_pressing,
+    all_finish,
     ari_get,
     bridge_channels,
     caller_pressing,
@@ -510,12 +511,7 @@ async def test_supervisor_leaves_then_star9_calls_again(
     supervisor = await supervisor_phone(sip_workdir, sup_port, hold_ms=3000, calls=2).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9"), (8000, "*9")]).start()
     phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=26000).start()
-    try:
-        assert await phone.wait(60) == 0, phone.error_text()
-        assert await agent.wait(10) == 0, agent.error_text()
-        assert await supervisor.wait(10) == 0, supervisor.error_text()
-    finally:
-        await stop_all(phone, agent, supervisor)
+    await all_finish(phone, agent, supervisor)
     (call_id,) = {e["call_id"] for e in service.memory_events.events if e["event"] == "supervisor_left"}
     names = await wait_ended(service, call_id)
     escalation = names[names.index("escalation_requested") : names.index("ended")]
@@ -543,12 +539,7 @@ async def test_agent_leaves_and_the_caller_stays_with_the_supervisor(
     supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300, hold_ms=sup_hold).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9")], hold_ms=5000).start()
     phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=18000).start()
-    try:
-        assert await phone.wait(60) == 0, phone.error_text()
-        assert await agent.wait(10) == 0, agent.error_text()
-        assert await supervisor.wait(10) == 0, supervisor.error_text()
-    finally:
-        await stop_all(phone, agent, supervisor)
+    await all_finish(phone, agent, supervisor)
     (call_id,) = {e["call_id"] for e in service.memory_events.events if e["event"] == "agent_left"}
     names = await wait_ended(service, call_id)
     tail = names[names.index("supervisor_joined") :]
