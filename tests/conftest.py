@@ -26,12 +26,16 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def missing(what: str) -> None:
-    """Skip locally, fail in CI."""
-    message = f"{what} (start it with: scripts/stack up)"
+def skip_or_fail(message: str) -> None:
+    """Skip locally, fail in CI: the one place that decides (every missing server or tool comes here)."""
     if IN_CI:
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
+
+
+def missing(what: str) -> None:
+    """A server of the local stack is not running."""
+    skip_or_fail(f"{what} (start it with: scripts/stack up)")
 
 
 def port_open(host: str, port: int, timeout: float = 1.0) -> bool:

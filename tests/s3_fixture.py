@@ -18,15 +18,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from kasuhara_ari.config import ConfigError, load
 from kasuhara_ari.storage import MinioStore
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from conftest import STACK_CONFIG, skip_or_fail
 
 
 @dataclass(frozen=True)
@@ -46,10 +43,9 @@ def s3_target() -> S3Target:
             os.environ.get("KASUHARA_TEST_S3_SECRET_KEY", "testing"),
             "us-east-1",
         )
-    stack = Path(os.environ.get("KASUHARA_TEST_CONFIG", "/var/cache/kasuhara/kasuhara.toml"))
-    if stack.exists():
+    if STACK_CONFIG.exists():
         try:
-            st = load(stack, env={}).storage
+            st = load(STACK_CONFIG, env={}).storage
         except ConfigError:
             pass
         else:
@@ -64,10 +60,7 @@ def require_s3() -> S3Target:
         with socket.create_connection((host, int(port or 80)), timeout=1.0):
             pass
     except OSError:
-        message = f"S3 server at {target.endpoint} is not reachable (scripts/stack up s3, or moto.server)"
-        if IN_CI:
-            pytest.fail(f"CI=true and {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"S3 server at {target.endpoint} is not reachable (scripts/stack up s3, or moto.server)")
     return target
 
 

@@ -13,7 +13,6 @@ import getpass
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import socket
@@ -43,16 +42,9 @@ from kasuhara_ari.events import (
 )
 from kasuhara_ari.schemas import validate_event
 
-REPO = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from conftest import REPO, skip_or_fail
 
 # --- fixtures (movable to conftest.py) -------------------------------------------------------------------
-
-
-def _missing(what: str) -> None:
-    if IN_CI:
-        pytest.fail(f"CI=true and {what}", pytrace=False)
-    pytest.skip(what)
 
 
 def free_port() -> int:
@@ -111,7 +103,7 @@ def _mosquitto_binary() -> str:
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else ""
     )
     if not binary:
-        _missing("mosquitto is not installed (apt-get install mosquitto)")
+        skip_or_fail("mosquitto is not installed (apt-get install mosquitto)")
     return binary
 
 
