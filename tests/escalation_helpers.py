@@ -97,7 +97,8 @@ def caller_pressing(
 def silent(phone: Phone) -> Phone:
     """The phone streams silence instead of its tone: prompts in a recording then stand out clearly (a
     mixed, slightly jittered tone leaves broadband residue that no notch filter removes)."""
-    write_tone_wav(phone.dir / "agent.wav", 1000.0, dbfs=-120.0)
+    for stream in ("caller.wav", "agent.wav"):  # what uac.xml / uas.xml stream (and their variants)
+        write_tone_wav(phone.dir / stream, 1000.0, dbfs=-120.0)
     return phone
 
 
