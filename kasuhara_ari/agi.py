@@ -26,9 +26,17 @@ while it was away are lost) a call whose channel no longer exists is finished wi
 from the recording's files. If the service never comes back, the uploader's orphan handling still
 uploads the audio.
 
-Untrusted input: the caller's number and name are cleaned (:mod:`kasuhara_ari.safe`); the call id is the
-channel's linkedid (or ``agi_uniqueid``) only if :func:`~kasuhara_ari.safe.safe_call_id` accepts it;
-nothing from the environment reaches a path, key, command or topic unchecked.
+Untrusted input: whoever can reach the port can speak FastAGI, so a session's word is not Asterisk's.
+Before the flow answers, records or writes anything it proves through AMI that a real channel runs the
+session: it sets a random value on "its" channel through the session (``SET VARIABLE``) and reads it back
+through AMI (``Getvar``); only the session Asterisk itself runs on that channel can make them agree. The
+uniqueid must be the channel's, and the call id (linkedid) and caller number/name are taken from AMI, not
+from the environment. A call id that already has a recording (spool, pending record or a live call) is
+refused. While AMI is away nothing can be proved: the notice is still played and MixMonitor started
+through the session itself (it can only touch the session's own channel, never one named by the client);
+the metadata then says ``channel_verified: false``. The caller's number and name are cleaned
+(:mod:`kasuhara_ari.safe`); the call id passes :func:`~kasuhara_ari.safe.safe_call_id`; nothing from the
+environment reaches a path, key, command or topic unchecked.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import enum
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,8 +56,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from .agi_server import AgiCommandError, AgiError, AgiHangup, AgiLimits, AgiServer, AgiSession
-from .ami import AmiClient, AmiError
+from .agi_server import (
+    AgiCommandError,
+    AgiError,
+    AgiHangup,
+    AgiLimits,
+    AgiServer,
+    AgiSession,
+    LogThrottle,
+    parse_peers,
+)
+from .ami import AmiClient, AmiError, AmiTimeout
 from .config import Config, ConfigError
 from .events import EventSink, now_iso
 from .recording import MIXMONITOR_ID_VAR, CallRecord, Recorder, write_json_atomic
@@ -70,6 +88,8 @@ PENDING_DIR = ".agi-pending"
 PENDING_SCHEMA = "kasuhara.agi-pending/1"
 NOTICE_PLAYED_VAR = "KASUHARA_NOTICE_PLAYED"
 CALL_ID_VAR = "KASUHARA_CALL_ID"
+#: Set through the session, read back through AMI: proves a real channel runs the session.
+PROOF_VAR = "KASUHARA_AGI_PROOF"
 #: Asterisk channel names: printable ASCII without spaces (``PJSIP/caller-0000002a``, ``Local/1@ctx-…;1``).
 _CHANNEL_RE = re.compile(r"[\x21-\x7e]{1,256}")
 _SOUND_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,200}")
@@ -135,6 +155,8 @@ class LegacyCall:
     #: Dialled channels' uniqueids → the dial string with technology (``PJSIP/agent/sip:…``).
     dialled: dict[str, str] = field(default_factory=dict)
     hangup: HangupInfo | None = None
+    #: AMI confirmed the channel, its uniqueid and linkedid (False: AMI was away, the session's word).
+    verified: bool = True
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False, compare=False)
 
     def to_pending(self) -> dict[str, Any]:
@@ -150,6 +172,7 @@ class LegacyCall:
             "caller_hangup_requested": self.caller_hangup_requested,
             "dial_status": self.dial_status,
             "dialled": dict(self.dialled),
+            "verified": self.verified,
             "record": dataclasses.asdict(self.record),
         }
 
@@ -182,6 +205,8 @@ class LegacyCall:
             caller_hangup_requested=bool(doc.get("caller_hangup_requested")),
             dial_status=str(doc.get("dial_status") or ""),
             dialled={str(k): str(v) for k, v in (doc.get("dialled") or {}).items()},
+            # Written before the channel was checked through AMI: nothing was verified.
+            verified=doc.get("verified") is True,
         )
 
     def end_reason(self) -> str:
@@ -200,6 +225,7 @@ class LegacyCall:
         doc = self.record.as_dict()
         doc["entry"] = "agi"
         doc["channel"] = self.channel
+        doc["channel_verified"] = self.verified
         if self.notice_skipped:
             doc["notice_skipped"] = self.notice_skipped
         if self.hangup is not None:
@@ -530,8 +556,25 @@ class CallEndWatch:
                 log.exception("agi event=on_metadata_failed call_id=%s", call.call_id)
 
 
+class Refused(Exception):
+    """The session is not handled: ``reason`` is a fixed word for the log, never the client's text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChannelFacts:
+    """What Asterisk (AMI) says about the channel a session runs on."""
+
+    linkedid: str
+    caller_number: str
+    caller_name: str
+
+
 class AgiCallFlow:
-    """The AGI session of one call: answer, record, notice, hand back to the dialplan."""
+    """The AGI session of one call: prove the channel, answer, record, notice, hand back to the dialplan."""
 
     def __init__(self, cfg: Config, recorder: Recorder, watch: CallEndWatch) -> None:
         self.cfg = cfg
@@ -541,43 +584,158 @@ class AgiCallFlow:
         self.language = cfg.announcement.language
         self.command_timeout_s = cfg.agi.command_timeout_s
         self.notice_timeout_s = cfg.agi.notice_timeout_s
+        #: Call ids chosen by sessions that are not in the watch yet (two legs of a call at once).
+        self._claimed: set[str] = set()
+        self._refused_log = LogThrottle(1.0)
+        self.refused: dict[str, int] = {}
 
     async def __call__(self, session: AgiSession) -> None:
         env = session.env
         script = env.get("agi_network_script", "")
         if script != SCRIPT:
-            log.error("agi event=refused reason=unknown_script script=%s", clean_log_value(script))
+            self._refuse(session, "unknown_script", script=script)
             return
         uniqueid = env.get("agi_uniqueid", "")
         channel = env.get("agi_channel", "")
         if not is_safe_call_id(uniqueid) or not _CHANNEL_RE.fullmatch(channel):
-            log.error(
-                "agi event=refused reason=bad_channel uniqueid=%s channel=%s",
-                clean_log_value(uniqueid),
-                clean_log_value(channel),
-            )
+            self._refuse(session, "bad_channel", uniqueid=uniqueid, channel=channel)
             return
         if self.watch.by_uniqueid(uniqueid) is not None:
             # The same channel ran the AGI again (a loop in the dialplan): already recorded and told.
             log.info("agi event=already_handled uniqueid=%s", uniqueid)
             return
-        call_id = await self._call_id(session, uniqueid)
+        call_id = ""
+        try:
+            claimed = (await session.command("GET VARIABLE CHANNEL(linkedid)")).data or ""
+            facts = await self._verify(session, channel, uniqueid, claimed)
+            if facts is not None:
+                session.vouched()
+            call_id = await self._claim_call_id(
+                facts.linkedid if facts else claimed, uniqueid, facts is not None
+            )
+        except Refused as exc:
+            self._refuse(session, exc.reason, uniqueid=uniqueid, channel=channel)
+            return
+        try:
+            await self._handle(session, env, call_id, channel, uniqueid, facts)
+        finally:
+            self._claimed.discard(call_id)
+
+    def _refuse(self, session: AgiSession, reason: str, **claimed: str) -> None:
+        """One log line per refusal (throttled under a flood), the client's text escaped and capped."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        held = self._refused_log.allow()
+        if held is not None:
+            log.error(
+                "agi event=refused reason=%s peer=%s %s suppressed=%d",
+                reason,
+                clean_log_value(session.peer),
+                " ".join(f"{k}={clean_log_value(v)}" for k, v in claimed.items()),
+                held,
+            )
+
+    async def _getvar(self, channel: str, variable: str) -> str:
+        resp = await self.watch.ami.action({"Action": "Getvar", "Channel": channel, "Variable": variable})
+        return resp.get("Value", "")
+
+    async def _verify(
+        self, session: AgiSession, channel: str, uniqueid: str, claimed_linkedid: str
+    ) -> ChannelFacts | None:
+        """Prove through AMI that Asterisk runs this session on ``channel``; None if AMI cannot tell.
+
+        The proof: a random value set through the session must be what AMI reads on the channel. A
+        client that merely names a live channel answers ``SET VARIABLE`` itself, and the channel never
+        gets the value. Raises :class:`Refused` if the proof or any claim fails.
+        """
+        if not self.watch.ami.ready:
+            log.warning("agi event=unverified uniqueid=%s reason=ami_not_connected", uniqueid)
+            return None
+        token = secrets.token_hex(16)
+        await session.command(f"SET VARIABLE {PROOF_VAR} {token}")
+        try:
+            if await self._getvar(channel, PROOF_VAR) != token:
+                raise Refused("channel_not_proved")
+            actual_uid, linkedid, number, name = await asyncio.gather(
+                self._getvar(channel, "UNIQUEID"),
+                self._getvar(channel, "CHANNEL(linkedid)"),
+                self._getvar(channel, "CALLERID(num)"),
+                self._getvar(channel, "CALLERID(name)"),
+            )
+        except AmiTimeout:
+            log.warning("agi event=unverified uniqueid=%s reason=ami_timeout", uniqueid)
+            return None
+        except AmiError as exc:
+            if "no such channel" in str(exc).lower():
+                raise Refused("no_such_channel") from None
+            log.warning("agi event=unverified uniqueid=%s reason=ami_error", uniqueid)
+            return None
+        if actual_uid != uniqueid:
+            raise Refused("uniqueid_mismatch")
+        if claimed_linkedid != linkedid:
+            raise Refused("linkedid_mismatch")
+        return ChannelFacts(linkedid=linkedid, caller_number=number, caller_name=name)
+
+    async def _claim_call_id(self, linkedid: str, uniqueid: str, verified: bool) -> str:
+        """The call's id: the linkedid of the channel (the call's first channel) if it is safe, else its
+        uniqueid. No session ever records or writes metadata under an id that already has a recording,
+        pending record or live call. A verified channel whose id is taken (a second channel of a call we
+        already have; a uniqueid Asterisk repeated after a restart) gets ``<id>-<uniqueid>`` as in the
+        Stasis flow, or is refused if that is taken too; an unverified session's taken id is refused."""
+        call_id = linkedid if is_safe_call_id(linkedid) else uniqueid
+        if not await self._claim(call_id):
+            if not verified:
+                raise Refused("call_id_taken")
+            call_id = safe_call_id(f"{call_id}-{uniqueid}"[:128])
+            if not await self._claim(call_id):
+                raise Refused("call_id_taken")
+        return call_id
+
+    async def _claim(self, call_id: str) -> bool:
+        if call_id in self._claimed or self.watch.has_call_id(call_id):
+            return False
+        self._claimed.add(call_id)  # before the await: a concurrent session sees it
+        if await asyncio.to_thread(self._in_spool, call_id):
+            self._claimed.discard(call_id)
+            return False
+        return True
+
+    async def _handle(
+        self,
+        session: AgiSession,
+        env: Mapping[str, str],
+        call_id: str,
+        channel: str,
+        uniqueid: str,
+        facts: ChannelFacts | None,
+    ) -> None:
         target = env.get("agi_arg_1", "")
+        if facts is not None:
+            raw_number, raw_name = facts.caller_number, facts.caller_name
+            # Asterisk writes "unknown" into the environment where the channel has no caller ID.
+            claimed = tuple(
+                "" if env.get(k, "") == "unknown" else env.get(k, "")
+                for k in ("agi_callerid", "agi_calleridname")
+            )
+            if (raw_number, raw_name) != claimed:
+                log.warning("agi event=caller_id_differs call_id=%s (Asterisk's, from AMI, is kept)", call_id)
+        else:
+            raw_number, raw_name = env.get("agi_callerid", ""), env.get("agi_calleridname", "")
         call = LegacyCall(
             call_id=call_id,
             channel=channel,
             uniqueid=uniqueid,
             target_given=bool(target),
+            verified=facts is not None,
             record=CallRecord(
                 call_id=call_id,
                 direction="inbound",
-                caller_number=clean_caller_number(env.get("agi_callerid", "")) or "",
-                caller_name=clean_caller_name(env.get("agi_calleridname", "")) or "",
+                caller_number=clean_caller_number(raw_number) or "",
+                caller_name=clean_caller_name(raw_name) or "",
                 target=clean_caller_text(target or env.get("agi_extension", "")) or "",
                 started_at=now_iso(),
             ),
         )
-        log.info("agi event=call_started call_id=%s channel=%s", call_id, channel)
+        log.info("agi event=call_started call_id=%s channel=%s verified=%s", call_id, channel, call.verified)
         await self.watch.add(call)  # on disk before anything happens to the caller
         try:
             await self._run(session, call)
@@ -595,20 +753,14 @@ class AgiCallFlow:
         finally:
             self.watch.session_ended(call)
 
-    async def _call_id(self, session: AgiSession, uniqueid: str) -> str:
-        """The linkedid of the channel (the call's first channel) if it is safe, else its uniqueid; a
-        second channel of a call we already have gets ``<linkedid>-<uniqueid>`` as in the Stasis flow."""
-        value = (await session.command("GET VARIABLE CHANNEL(linkedid)")).data or ""
-        call_id = value if is_safe_call_id(value) else uniqueid
-        if call_id != uniqueid and (
-            self.watch.has_call_id(call_id) or await asyncio.to_thread(self._in_spool, call_id)
-        ):
-            call_id = safe_call_id(f"{call_id}-{uniqueid}"[:128])
-        return call_id
-
     def _in_spool(self, call_id: str) -> bool:
         paths = self.recorder.paths(call_id)
-        return paths.audio.exists() or paths.metadata.exists() or self.watch.pending.path(call_id).exists()
+        return (
+            paths.audio.exists()
+            or paths.metadata.exists()
+            or paths.marker.exists()
+            or self.watch.pending.path(call_id).exists()
+        )
 
     async def _run(self, session: AgiSession, call: LegacyCall) -> None:
         w = self.watch
@@ -650,6 +802,9 @@ class AgiCallFlow:
         via = "ami"
         error = ""
         try:
+            if not call.verified:
+                # AMI acts on a channel by name: only on one proved to be this session's.
+                raise AmiError("channel not verified through AMI")
             await self.recorder.start(call.channel, call.call_id)
             started = True
         except Exception as exc:  # AMI away, refused, or timed out: the AGI session can still start it
@@ -657,7 +812,7 @@ class AgiCallFlow:
             log.warning(
                 "agi event=mixmonitor_via_ami_failed call_id=%s error=%s (trying through AGI)",
                 call.call_id,
-                exc,
+                clean_log_value(exc, max_chars=200),
             )
             # A timed-out AMI action may still have started it: never start a second MixMonitor.
             started = await self._mixmonitor_running(session)
@@ -689,6 +844,12 @@ class AgiCallFlow:
         switch = previous != self.language
         if switch:
             await session.command(f"SET VARIABLE CHANNEL(language) {self.language}")
+        # How long the caller waited from the connection to the notice (scripts/bench_agi_trust.py).
+        log.debug(
+            "agi event=notice_starting call_id=%s setup_ms=%.1f",
+            call.call_id,
+            (time.monotonic() - session.accepted_at) * 1000,
+        )
         played = await session.command(f'STREAM FILE {self.sound} ""', timeout=self.notice_timeout_s)
         if played.result == -1:
             # -1 is both "hung up" and "could not play": only a live channel answers CHANNEL STATUS.
@@ -707,6 +868,9 @@ def agi_limits(cfg: Config) -> AgiLimits:
     try:
         return AgiLimits(
             max_sessions=cfg.agi.max_sessions,
+            max_sessions_per_peer=cfg.agi.max_sessions_per_peer,
+            max_env_bytes=cfg.agi.max_env_bytes,
+            allowed_peers=parse_peers(cfg.agi.allowed_peers),
             max_line_bytes=cfg.agi.max_line_bytes,
             env_timeout_s=cfg.agi.env_timeout_s,
             command_timeout_s=cfg.agi.command_timeout_s,
@@ -761,5 +925,6 @@ __all__ = [
     "LegacyCall",
     "LegacyState",
     "PendingCalls",
+    "Refused",
     "agi_sound",
 ]

@@ -10,8 +10,13 @@ Everything a peer sends is untrusted and bounded:
   the environment at most ``max_env_lines`` lines, and all of it must arrive within ``env_timeout_s``
   (a peer that trickles bytes is cut off: no slowloris);
 * every command waits at most its timeout for the answer;
+* the environment is at most ``max_env_bytes`` in all (Asterisk's own is under 1 KiB);
 * at most ``max_sessions`` sessions run at once; more connections are closed at once (the dialplan then
   goes on with ``AGISTATUS=FAILURE``: a call is never held up waiting for a free session);
+* a peer address may hold at most ``max_sessions_per_peer`` sessions that have not yet proved they are a
+  real channel (:meth:`AgiSession.vouched`): one hostile host cannot fill ``max_sessions`` and lock out
+  Asterisk, whose sessions prove themselves within milliseconds and then stop counting against it;
+* if ``allowed_peers`` is set, only those addresses/networks may connect at all;
 * end of stream is an exception, never an empty read in a loop, so a peer that goes away mid-session ends
   the session instead of spinning.
 
@@ -26,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from .safe import clean_log_value
 
@@ -64,24 +70,67 @@ class AgiCommandError(AgiError):
     """Asterisk refused a command (``510`` unknown, ``520`` usage)."""
 
 
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_peers(values: Iterable[str]) -> tuple[IpNetwork, ...]:
+    """``agi.allowed_peers``: addresses or CIDR networks (``127.0.0.1``, ``10.0.0.0/24``, ``::1``).
+
+    ValueError names the entry (cleaned: config may come from anywhere)."""
+    nets: list[IpNetwork] = []
+    for value in values:
+        try:
+            nets.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"agi.allowed_peers: {clean_log_value(value)} is not an IP address or network"
+            ) from None
+    return tuple(nets)
+
+
+def peer_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The peer's IP (an IPv4-mapped IPv6 address as IPv4), None if unparsable."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 @dataclass(frozen=True)
 class AgiLimits:
     max_sessions: int = 200
     max_line_bytes: int = 16384
     max_env_lines: int = 256
+    #: The whole environment (Asterisk's is ~600 bytes plus caller ID and arguments).
+    max_env_bytes: int = 16384
+    #: Sessions per peer address that have not proved they are a real channel yet.
+    max_sessions_per_peer: int = 20
+    #: Empty: every peer may connect.
+    allowed_peers: tuple[IpNetwork, ...] = field(default=())
     env_timeout_s: float = 5.0
     command_timeout_s: float = 5.0
     close_timeout_s: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_line_bytes", "max_env_lines"):
+        for name in ("max_sessions", "max_line_bytes", "max_env_lines", "max_sessions_per_peer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"agi.{name} must be at least 1")
         if self.max_line_bytes < 256:
             raise ValueError("agi.max_line_bytes must be at least 256")
+        if self.max_env_bytes < 256:
+            raise ValueError("agi.max_env_bytes must be at least 256")
         for name in ("env_timeout_s", "command_timeout_s", "close_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"agi.{name} must be positive")
+
+    def peer_allowed(self, host: str) -> bool:
+        if not self.allowed_peers:
+            return True
+        addr = peer_address(host)
+        return addr is not None and any(addr in net for net in self.allowed_peers)
 
 
 @dataclass(frozen=True)
@@ -117,7 +166,7 @@ def parse_env_line(line: str) -> tuple[str, str] | None:
     return key, value[1:] if value.startswith(" ") else value
 
 
-class _LogThrottle:
+class LogThrottle:
     """One log line per ``interval`` seconds for a flood of bad sessions; counts what it held back."""
 
     def __init__(self, interval: float = 5.0) -> None:
@@ -145,15 +194,28 @@ class AgiSession:
         env: Mapping[str, str],
         limits: AgiLimits,
         peer: str,
+        *,
+        on_vouched: Callable[[], None] | None = None,
+        accepted_at: float | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self.env = env
         self.limits = limits
         self.peer = peer
+        #: When the connection was accepted (``time.monotonic``): the notice's setup delay counts from here.
+        self.accepted_at = time.monotonic() if accepted_at is None else accepted_at
+        self._on_vouched = on_vouched
         #: Asterisk said ``HANGUP`` (or refused a command with 511): the channel is gone.
         self.hung_up = False
         self.commands = 0
+
+    def vouched(self) -> None:
+        """The handler has proved (through AMI) that a real channel runs this session: it no longer counts
+        against its peer's ``max_sessions_per_peer``."""
+        if self._on_vouched is not None:
+            callback, self._on_vouched = self._on_vouched, None
+            callback()
 
     async def command(self, text: str, *, timeout: float | None = None) -> AgiResponse:
         """Send one command and return its ``200`` response.
@@ -212,7 +274,7 @@ async def read_line(reader: asyncio.StreamReader) -> str:
 
 
 async def read_environment(reader: asyncio.StreamReader, limits: AgiLimits) -> dict[str, str]:
-    """The ``agi_*`` variables up to the blank line; bounded in lines, line length and time.
+    """The ``agi_*`` variables up to the blank line; bounded in lines, line length, total size and time.
 
     The first occurrence of a key wins: Asterisk sends ``agi_channel`` and ``agi_uniqueid`` before the
     caller-controlled ``agi_callerid``/``agi_calleridname``, so a caller name that smuggled in a newline
@@ -220,12 +282,16 @@ async def read_environment(reader: asyncio.StreamReader, limits: AgiLimits) -> d
     """
     env: dict[str, str] = {}
     odd = 0
+    size = 0
     try:
         async with asyncio.timeout(limits.env_timeout_s):
             for _ in range(limits.max_env_lines):
                 line = await read_line(reader)
                 if line == "":
                     break
+                size += len(line) + 1
+                if size > limits.max_env_bytes:
+                    raise AgiProtocolError(f"environment larger than {limits.max_env_bytes} bytes")
                 parsed = parse_env_line(line)
                 if parsed is None or parsed[0] in env:
                     odd += 1
@@ -250,6 +316,8 @@ class AgiServerStats:
     accepted: int = 0
     completed: int = 0
     refused_busy: int = 0
+    refused_peer_limit: int = 0
+    refused_not_allowed: int = 0
     malformed: int = 0
     failed: int = 0
 
@@ -280,10 +348,13 @@ class AgiServer:
         self.drain_s = drain_s
         self.stats = AgiServerStats()
         self._sessions: set[asyncio.Task[None]] = set()
+        #: Sessions per peer host that have not vouched for themselves yet.
+        self._unproven: dict[str, int] = {}
         self._server: asyncio.Server | None = None
-        self._bad_log = _LogThrottle()
-        self._busy_log = _LogThrottle()
-        self._failed_log = _LogThrottle(1.0)
+        self._bad_log = LogThrottle()
+        self._busy_log = LogThrottle()
+        self._peer_log = LogThrottle()
+        self._failed_log = LogThrottle(1.0)
         self.listening = asyncio.Event()
 
     @property
@@ -299,10 +370,12 @@ class AgiServer:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         log.info(
-            "agi event=listening address=%s:%d max_sessions=%d",
+            "agi event=listening address=%s:%d max_sessions=%d max_sessions_per_peer=%d allowed_peers=%s",
             self.host,
             self.port,
             self.limits.max_sessions,
+            self.limits.max_sessions_per_peer,
+            ",".join(str(n) for n in self.limits.allowed_peers) or "all",
         )
         self.listening.set()
         try:
@@ -325,7 +398,18 @@ class AgiServer:
         # asyncio runs this callback in a task of its own; we adopt it so serve() owns it.
         task = asyncio.current_task()
         assert task is not None
-        peer = _peer_name(writer)
+        accepted_at = time.monotonic()
+        host, peer = _peer_name(writer)
+        if not self.limits.peer_allowed(host):
+            self.stats.refused_not_allowed += 1
+            self._refused_log("not_allowed", peer)
+            await self._close(writer)
+            return
+        if self._unproven.get(host, 0) >= self.limits.max_sessions_per_peer:
+            self.stats.refused_peer_limit += 1
+            self._refused_log("max_sessions_per_peer", peer)
+            await self._close(writer)
+            return
         if len(self._sessions) >= self.limits.max_sessions:
             self.stats.refused_busy += 1
             held = self._busy_log.allow()
@@ -339,14 +423,49 @@ class AgiServer:
             await self._close(writer)
             return
         self._sessions.add(task)
+        self._unproven[host] = self._unproven.get(host, 0) + 1
+        unproven = True
+
+        def vouched() -> None:
+            nonlocal unproven
+            if unproven:
+                unproven = False
+                self._release(host)
+
         self.stats.accepted += 1
         try:
-            await self._session(reader, writer, peer)
+            await self._session(reader, writer, peer, vouched, accepted_at)
         finally:
+            vouched()
             self._sessions.discard(task)
             await self._close(writer)
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
+    def _release(self, host: str) -> None:
+        left = self._unproven.get(host, 0) - 1
+        if left > 0:
+            self._unproven[host] = left
+        else:
+            self._unproven.pop(host, None)
+
+    def _refused_log(self, reason: str, peer: str) -> None:
+        held = self._peer_log.allow()
+        if held is not None:
+            log.error(
+                "agi event=refused reason=%s peer=%s max_sessions_per_peer=%d suppressed=%d",
+                reason,
+                clean_log_value(peer),
+                self.limits.max_sessions_per_peer,
+                held,
+            )
+
+    async def _session(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        vouched: Callable[[], None],
+        accepted_at: float,
+    ) -> None:
         try:
             env = await read_environment(reader, self.limits)
         except AgiError as exc:
@@ -360,7 +479,9 @@ class AgiServer:
                     held,
                 )
             return
-        session = AgiSession(reader, writer, env, self.limits, peer)
+        session = AgiSession(
+            reader, writer, env, self.limits, peer, on_vouched=vouched, accepted_at=accepted_at
+        )
         try:
             await self._handler(session)
             self.stats.completed += 1
@@ -387,8 +508,9 @@ class AgiServer:
             writer.transport.abort()
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
+def _peer_name(writer: asyncio.StreamWriter) -> tuple[str, str]:
+    """(host, host:port) of the peer; ("?", "?") if the socket has none."""
     with contextlib.suppress(Exception):
         host, port = writer.get_extra_info("peername")[:2]
-        return f"{host}:{port}"
-    return "?"
+        return str(host), f"{host}:{port}"
+    return "?", "?"

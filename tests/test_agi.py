@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -148,7 +149,11 @@ class FakeAmi:
         self.callbacks: dict[str, list[Callable[[Any, Any], Any]]] = {}
         self.mixmonitors: list[tuple[str, str, str, str]] = []
         self.mixmonitor_error: Exception | None = None
-        self.channels: set[str] = {UNIQUEID}  # what Asterisk has now
+        self.channels: set[str] = {UNIQUEID}  # what Asterisk has now (by uniqueid)
+        #: Live channels by name and the variables AMI reads on them; the session Asterisk runs on a
+        #: channel shares the dict (its SET VARIABLE lands there), a forged session does not.
+        self.live: dict[str, dict[str, str]] = {}
+        self.getvar_error: Exception | None = None
         self.getvars = 0
 
     def on_event(self, pattern: str, callback: Callable[[Any, Any], Any]) -> None:
@@ -161,6 +166,10 @@ class FakeAmi:
     async def action(self, fields: dict[str, str], *, timeout: float | None = None) -> dict[str, str]:
         assert fields["Action"] == "Getvar"
         self.getvars += 1
+        if self.getvar_error is not None:
+            raise self.getvar_error
+        if fields["Channel"] in self.live:
+            return {"Response": "Success", "Value": self.live[fields["Channel"]].get(fields["Variable"], "")}
         if fields["Channel"] not in self.channels:
             raise AmiError("AMI action Getvar: No such channel")
         return {"Response": "Success", "Value": fields["Channel"]}
@@ -191,9 +200,25 @@ class Harness:
     server: AgiServer
     spool: Path
     notified: list[str]
+    flow: AgiCallFlow
 
-    async def call(self, channel: FakeChannel | None = None, **env: str) -> FakeAsterisk:
-        fake = FakeAsterisk(self.server.port, agi_env(**env), channel)
+    def flow_refused(self) -> dict[str, int]:
+        """Sessions the flow refused, by reason."""
+        return dict(self.flow.refused)
+
+    async def call(
+        self, channel: FakeChannel | None = None, *, forged: bool = False, **env: str
+    ) -> FakeAsterisk:
+        """A session as Asterisk runs it on a live channel (AMI sees the same channel), or ``forged``: a
+        client that only names the channel."""
+        full = agi_env(**env)
+        fake = FakeAsterisk(self.server.port, full, channel)
+        if not forged:
+            live = fake.channel.variables
+            live.setdefault("UNIQUEID", full["agi_uniqueid"])
+            live.setdefault("CALLERID(num)", full["agi_callerid"])
+            live.setdefault("CALLERID(name)", full["agi_calleridname"])
+            self.ami.live[full["agi_channel"]] = live
         await fake.run()
         return fake
 
@@ -240,11 +265,12 @@ async def start_harness(
     watch = CallEndWatch(
         cfg, ami, recorder, events, PendingCalls(spool / PENDING_DIR), on_metadata=on_metadata
     )
-    server = AgiServer(AgiCallFlow(cfg, recorder, watch), "127.0.0.1", 0, AgiLimits(env_timeout_s=1.0))
+    flow = AgiCallFlow(cfg, recorder, watch)
+    server = AgiServer(flow, "127.0.0.1", 0, AgiLimits(env_timeout_s=1.0))
     tasks = [asyncio.create_task(server.serve()), asyncio.create_task(watch.run())]
     await asyncio.wait_for(server.listening.wait(), 5)
     await asyncio.wait_for(watch.restored.wait(), 5)
-    return Harness(cfg, ami, events, watch, server, spool, notified), tasks
+    return Harness(cfg, ami, events, watch, server, spool, notified, flow), tasks
 
 
 async def stop(tasks: list[Any]) -> None:
@@ -534,7 +560,8 @@ async def test_call_is_answered_recorded_announced_then_finished_by_ami_hangup(h
     channel = FakeChannel()
     fake = await harness.call(channel)
     spool = str(harness.spool)
-    assert fake.commands == [
+    assert re.fullmatch(r"SET VARIABLE KASUHARA_AGI_PROOF [0-9a-f]{32}", fake.commands[1])
+    assert fake.commands[:1] + fake.commands[2:] == [
         "GET VARIABLE CHANNEL(linkedid)",
         "ANSWER",
         "GET VARIABLE KASUHARA_NOTICE_PLAYED",
@@ -697,7 +724,7 @@ async def test_mixmonitor_through_agi_when_ami_fails(tmp_path: Path, completion:
     else:
         assert command == ""
         exec_cmd = f'EXEC MixMonitor "{spool}/{LINKEDID}.wav,i(KASUHARA_MIXMON_ID)"'
-    assert fake.commands[3:6] == [
+    assert fake.commands[4:7] == [
         "GET VARIABLE KASUHARA_MIXMON_ID",
         exec_cmd,
         "GET VARIABLE KASUHARA_MIXMON_ID",

@@ -62,6 +62,9 @@ def agi_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, 
         "KASUHARA_AGI__ENV_TIMEOUT_S": "1",
         "KASUHARA_AGI__COMMAND_TIMEOUT_S": "2",
         "KASUHARA_AGI__MAX_LINE_BYTES": "16384",
+        # 100 clients at once from 127.0.0.1 must reach the session code (AMI is off, so no session ever
+        # proves itself): this test is about hangs and spinning; the per-peer limit is test_agi_trust's.
+        "KASUHARA_AGI__MAX_SESSIONS_PER_PEER": "1000",
         "KASUHARA_AMI__PORT": str(free_port()),  # nothing listens: no AMI traffic
         "KASUHARA_MQTT__ENABLED": "false",
         "KASUHARA_STORAGE__ENABLED": "false",

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -153,12 +155,13 @@ async def wait_event(service: Any, call_id: str, name: str, timeout: float = 30)
 
 
 async def wait_spool(cfg: Config, call_id: str, timeout: float = 20) -> dict[str, Any]:
-    """The call's metadata once both it and MixMonitor's completion marker are in the spool."""
+    """The call's metadata once it and MixMonitor's completion marker are in the spool and its pending
+    record is gone (removed just after the metadata is written)."""
     spool = cfg.recording.host_dir
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         meta, done = spool / f"{call_id}.json", spool / f"{call_id}.done"
-        if meta.exists() and done.exists():
+        if meta.exists() and done.exists() and not (spool / PENDING_DIR / f"{call_id}.json").exists():
             doc: dict[str, Any] = json.loads(meta.read_text())
             validate_recording(doc)
             return doc
@@ -361,3 +364,168 @@ async def test_restart_of_kasuhara_agi_mid_call_loses_nothing(
         assert meta["end_reason"] == "ended_while_not_watched"
         assert abs(meta["duration_s"] - 10.0) < 1.5
     assert not (agi_cfg.recording.host_dir / PENDING_DIR / f"{call_id}.json").exists()
+
+
+# --- trust: a FastAGI client is not Asterisk's word ------------------------------------------------------
+
+
+def forged_env(channel: str, uniqueid: str, **over: str) -> dict[str, str]:
+    """What a raw TCP client sends to pass for Asterisk running ``AGI()`` on ``channel``."""
+    env = {
+        "agi_network": "yes",
+        "agi_network_script": "kasuhara",
+        "agi_request": f"agi://127.0.0.1:{AGI_PORT}/kasuhara",
+        "agi_channel": channel,
+        "agi_language": "en",
+        "agi_type": "PJSIP",
+        "agi_uniqueid": uniqueid,
+        "agi_callerid": "0120999999",
+        "agi_calleridname": "Forged\x1b[2J\x07",
+        "agi_context": "kasuhara-in",
+        "agi_extension": "4999",
+    }
+    return env | over
+
+
+async def forged_session(
+    env: dict[str, str], linkedid: str, *, source: str = "127.0.0.1", hold_s: float = 0.0
+) -> list[str]:
+    """A raw FastAGI client that answers every command as a live channel would, ``linkedid`` to the
+    linkedid query; ``hold_s``: wait that long after the environment before answering anything (an idle
+    hostile session). Returns the commands the server sent it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", AGI_PORT, local_addr=(source, 0))
+    commands: list[str] = []
+    try:
+        writer.write("".join(f"{k}: {v}\n" for k, v in env.items()).encode() + b"\n")
+        await writer.drain()
+        if hold_s:
+            await asyncio.sleep(hold_s)
+        async with asyncio.timeout(30):
+            while line := await reader.readline():
+                cmd = line.decode(errors="replace").rstrip("\n")
+                commands.append(cmd)
+                if cmd == "GET VARIABLE CHANNEL(linkedid)":
+                    answer = f"200 result=1 ({linkedid})"
+                elif cmd.startswith("GET VARIABLE") or cmd == "ANSWER":
+                    answer = "200 result=0"
+                elif cmd.startswith("STREAM FILE"):
+                    answer = "200 result=0 endpos=46400"
+                elif cmd == "CHANNEL STATUS":
+                    answer = "200 result=6"
+                else:
+                    answer = "200 result=1"
+                writer.write(answer.encode() + b"\n")
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+    return commands
+
+
+async def test_forged_session_naming_a_live_channel_is_refused(
+    agi_factory: Starter, agi_cfg: Config, sip_workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: a client names a real call's channel and answers the linkedid query with its call id.
+    Before: MixMonitor on the victim's channel through the app's AMI login and metadata with a forged
+    caller. Now: refused before any of that, logged without the client's control characters."""
+    caplog.set_level(logging.INFO, logger="kasuhara_ari")
+    cfg = replace(agi_cfg, agi=replace(agi_cfg.agi, reconcile_interval_s=1.0))
+    service = await agi_factory(cfg)
+    port = agent_port()
+    exten = agi_exten(port)
+    agent = await answering(sip_workdir, port).start()
+    phone = await caller(sip_workdir, exten, call_ms=8000).start()
+    try:
+        call_id = await wait_call_id(service, exten)
+        await wait_event(service, call_id, "agent_answered")
+        [victim] = [c for c in service.watch.calls.values() if c.call_id == call_id]
+        forged_uid = f"{victim.uniqueid}7"
+        commands = await forged_session(forged_env(victim.channel, forged_uid), call_id)
+        assert await phone.wait(30) == 0, phone.error_text()
+        meta = await wait_spool(cfg, call_id)
+        await asyncio.sleep(3.0)  # time for a forged "call" to be reconciled and written (old code did)
+    finally:
+        await phone.stop()
+        await agent.stop()
+    # The session was never treated as a call: not answered, no notice, no MixMonitor of its own.
+    assert not any(c.startswith(("ANSWER", "STREAM FILE", "EXEC")) for c in commands), commands
+    spool = cfg.recording.host_dir
+    files = sorted(p.name for p in spool.iterdir() if p.is_file())
+    # Only the real call's files: no second recording of the victim's channel, no forged metadata.
+    assert files == sorted(f"{call_id}{ext}" for ext in (".done", ".json", ".wav")), files
+    assert list((spool / PENDING_DIR).iterdir()) == []
+    assert meta["caller"] == {"number": "caller", "name": "caller"}
+    assert all(c.uniqueid != forged_uid for c in service.watch.calls.values())
+    refused = [r.getMessage() for r in caplog.records if "agi event=refused" in r.getMessage()]
+    assert refused, [r.getMessage() for r in caplog.records]
+    assert all(ch.isprintable() for line in refused for ch in line)
+
+
+async def test_real_calls_are_announced_and_recorded_under_200_hostile_sessions(
+    agi_factory: Starter, agi_cfg: Config, sip_workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: 200 hostile FastAGI sessions from one peer (127.0.0.2: idle, forged, oversized, each
+    reconnecting as soon as it is closed, in a process of their own) while 10 real calls come through
+    the AGI. Before: the idle sessions filled ``agi.max_sessions`` and real calls ran without notice or
+    recording. Now every real call hears the notice and is recorded. The notice's setup delay is printed
+    (a measurement for docs/benchmarks.md, not an assertion)."""
+    caplog.set_level(logging.DEBUG, logger="kasuhara_ari.agi")
+    service = await agi_factory(agi_cfg)
+    hostile = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(REPO / "scripts/agi_hostile.py"),
+        "--port",
+        str(AGI_PORT),
+        "--source",
+        "127.0.0.2",
+        "--sessions",
+        "200",
+        "--channel",
+        "PJSIP/caller-00000001",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    port = agent_port()
+    exten = agi_exten(port)
+    agent = answering(sip_workdir, port, calls=10)
+    phones = caller(sip_workdir, exten, call_ms=9000, calls=10, concurrent=10, rate=5)
+    try:
+        assert hostile.stdout is not None
+        assert await asyncio.wait_for(hostile.stdout.readline(), 10) == b"hostile: started\n"
+        await asyncio.sleep(2.0)  # the hostile sessions are at it before the first call
+        await agent.start()
+        await phones.start()
+        assert await phones.wait(90) == 0, phones.error_text()
+        assert await agent.wait(30) == 0, agent.error_text()
+        call_ids = sorted(
+            {str(e["call_id"]) for e in service.memory_events.events if e["event"] == "started"}  # type: ignore[attr-defined]
+        )
+        metas = [await wait_spool(agi_cfg, call_id, timeout=30) for call_id in call_ids]
+    finally:
+        await phones.stop()
+        await agent.stop()
+        if hostile.returncode is None:
+            hostile.terminate()
+        out, _ = await hostile.communicate()
+    assert len(call_ids) == 10, call_ids
+    for call_id, meta in zip(call_ids, metas, strict=True):
+        assert names(service, call_id)[:3] == ["started", "recording_started", "notice_played"], call_id
+        assert meta["notice_played"] is True
+        assert meta["channel_verified"] is True
+        assert meta["caller"] == {"number": "caller", "name": "caller"}
+        audio = agi_cfg.recording.host_dir / f"{call_id}.wav"
+        assert header_is_final(audio)
+        assert abs(duration_s(audio) - 9.0) < 1.0, (call_id, duration_s(audio))
+    stats = service.server.stats
+    assert stats.refused_peer_limit > 0  # the hostile peer was at it, and held back
+    setup = sorted(
+        float(r.getMessage().rsplit("setup_ms=", 1)[1])
+        for r in caplog.records
+        if "event=notice_starting" in r.getMessage()
+    )
+    print(
+        f"\nagi under attack: {out.decode().strip()}; server {stats.as_dict()}; refused by the flow "
+        f"{service.flow.refused}; notice setup ms of the 10 real calls: min {setup[0]:.1f} "
+        f"median {setup[len(setup) // 2]:.1f} max {setup[-1]:.1f}"
+    )

@@ -18,7 +18,8 @@ def agi(config_path: str | None) -> None:
     """Serve AGI(agi://HOST:PORT/kasuhara): notice, recording, metadata, upload and events.
 
     The dialplan goes on after the AGI (it dials the agent); the end of the call is learnt from AMI.
-    Listens on [agi] bind/port (default 127.0.0.1:4573).
+    Listens on [agi] bind/port (default 127.0.0.1:4573). A session is only handled once AMI has proved
+    that a real channel runs it (agi.allowed_peers, agi.max_sessions_per_peer: see the README).
     """
     from ..agi import AgiService
 
