@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -99,6 +100,11 @@ class CallDeps:
     #: Repeat callers and the admin's caller list (policy); None = no caller rules.
     callers: CallerPolicy | None = None
 
+
+#: Backoff of a metadata write the disk refused (retried until it succeeds; see _write_metadata).
+METADATA_RETRY_FIRST_S = 0.5
+METADATA_RETRY_MAX_S = 30.0
+METADATA_OTHER_ERROR_ATTEMPTS = 5
 
 #: Q.850 causes of a dialled leg that did not answer, as the metadata names them.
 _NO_ANSWER_CAUSES = frozenset({18, 19})  # no user responding, no answer
@@ -568,12 +574,32 @@ class Call:
             self._set_state(CallState.ENDED)
 
     async def _write_metadata(self) -> None:
+        """Write the call's metadata; on a full (or failing) spool disk keep it here and try again until
+        it is on disk: it carries the flags and the hold, which orphan adoption could not know."""
         paths = self.deps.recorder.paths(self.call_id)
-        try:
-            await asyncio.to_thread(write_json_atomic, paths.metadata, self.record.as_dict())
-        except OSError as exc:
-            log.error("call event=metadata_write_failed call_id=%s error=%s", self.call_id, exc)
-            return
+        delay = METADATA_RETRY_FIRST_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await asyncio.to_thread(write_json_atomic, paths.metadata, self.record.as_dict())
+                break
+            except OSError as exc:
+                # Out of space passes (files get uploaded and removed): wait for it however long it takes.
+                # Anything else (permissions, a missing directory) needs an operator: give up after a few.
+                lasting = exc.errno not in (errno.ENOSPC, errno.EDQUOT)
+                log.error(
+                    "call event=metadata_write_failed call_id=%s error=%s attempt=%d retry_in_s=%s held=%s",
+                    self.call_id,
+                    exc.strerror or type(exc).__name__,
+                    attempt,
+                    "-" if lasting and attempt >= METADATA_OTHER_ERROR_ATTEMPTS else f"{delay:.1f}",
+                    self.record.hold is not None,
+                )
+                if lasting and attempt >= METADATA_OTHER_ERROR_ATTEMPTS:
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, METADATA_RETRY_MAX_S)
         log.info(
             "call event=metadata_written call_id=%s reason=%s duration_s=%s path=%s",
             self.call_id,

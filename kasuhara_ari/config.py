@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key; secrets never appear 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -66,6 +67,15 @@ class MqttConfig:
     enabled: bool = True
     #: After a quiet spell, wait this long so the events of a burst go out in one window (0: at once).
     linger_ms: int = 20
+    #: TLS to the broker (caller numbers and the broker password travel in every session).
+    tls: bool = False
+    #: CA bundle (PEM) that signed the broker's certificate; empty = the system's trust store.
+    ca_file: str = ""
+    #: Client certificate and key (PEM) for brokers that require one; both or neither.
+    cert_file: str = ""
+    key_file: str = ""
+    #: Skip the broker's hostname check (the chain is still verified). Never in production.
+    tls_insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,12 @@ class AgiConfig:
     env_timeout_s: float = 5.0
     max_line_bytes: int = 16384
     reconcile_interval_s: float = 60.0
+    #: The whole FastAGI environment of one session (Asterisk's own is under 1 KiB).
+    max_env_bytes: int = 16384
+    #: Sessions per peer address that have not yet proved (through AMI) to be a real channel.
+    max_sessions_per_peer: int = 20
+    #: Addresses or CIDR networks that may connect to ``kasuhara agi``; empty = every peer.
+    allowed_peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,6 +184,9 @@ class AdminConfig:
     name: str = ""
     access_key: str = secret()
     secret_key: str = secret()
+    #: The Ed25519 key that signs export manifests (a local file, mode 600, never in the bucket);
+    #: empty = ~/.config/kasuhara/export-signing.key of the admin running the CLI.
+    signing_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -319,11 +338,50 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"recording.completion: must be 'watch' or 'command', got {cfg.recording.completion!r}"
         )
+    _validate_agi(cfg.agi)
+    _validate_mqtt_tls(cfg.mqtt)
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
             "(MixMonitor's arguments and its completion command use it)"
         )
+
+
+def _validate_mqtt_tls(mqtt: MqttConfig) -> None:
+    """TLS files must exist when named, and only with ``mqtt.tls`` on (a CA set with TLS off would
+    look protected and be clear text)."""
+    files = {"ca_file": mqtt.ca_file, "cert_file": mqtt.cert_file, "key_file": mqtt.key_file}
+    if not mqtt.tls:
+        named = sorted(k for k, v in files.items() if v)
+        if named or mqtt.tls_insecure:
+            raise ConfigError(f"mqtt.{(named or ['tls_insecure'])[0]}: set only with mqtt.tls = true")
+        return
+    if bool(mqtt.cert_file) != bool(mqtt.key_file):
+        raise ConfigError(
+            "mqtt.cert_file / mqtt.key_file: give both (client certificate and its key) or neither"
+        )
+    for name, value in files.items():
+        if value and not Path(value).is_file():
+            raise ConfigError(f"mqtt.{name}: {value!r} is not a readable file")
+
+
+def _validate_agi(agi: AgiConfig) -> None:
+    """The FastAGI server's limits and allow-list (``kasuhara agi``)."""
+    for name in ("max_sessions", "max_sessions_per_peer"):
+        if getattr(agi, name) < 1:
+            raise ConfigError(f"agi.{name}: must be at least 1, got {getattr(agi, name)}")
+    for name in ("max_env_bytes", "max_line_bytes"):
+        if not 256 <= getattr(agi, name) <= 1 << 20:
+            raise ConfigError(f"agi.{name}: must be between 256 and 1048576, got {getattr(agi, name)}")
+    for name in ("env_timeout_s", "command_timeout_s", "notice_timeout_s", "reconcile_interval_s"):
+        if not getattr(agi, name) > 0:
+            raise ConfigError(f"agi.{name}: must be positive, got {getattr(agi, name)}")
+    for peer in agi.allowed_peers:
+        try:
+            ipaddress.ip_network(peer.strip(), strict=False)
+        except ValueError:
+            shown = peer if peer.isprintable() and len(peer) <= 64 else repr(peer[:64])
+            raise ConfigError(f"agi.allowed_peers: {shown!r} is not an IP address or network") from None
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:

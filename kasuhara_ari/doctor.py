@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import ssl
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from pathlib import Path
 from .ami import AmiClient, AmiError
 from .ari import AriClient, AriError
 from .config import Config
+from .events import mqtt_tls_context
 
 
 @dataclass
@@ -66,12 +69,14 @@ async def check_mqtt(cfg: Config) -> Check:
             cfg.mqtt.port,
             username=cfg.mqtt.username or None,
             password=cfg.mqtt.password or None,
+            tls_context=mqtt_tls_context(cfg.mqtt),
             timeout=3,
         ) as client:
             await client.publish(f"{cfg.mqtt.topic_prefix}/doctor", b"{}", qos=1)
-    except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+    except (aiomqtt.MqttError, OSError, TimeoutError, ssl.SSLError) as exc:
         return Check("mqtt", False, f"{cfg.mqtt.host}:{cfg.mqtt.port}: {exc}")
-    return Check("mqtt", True, f"{cfg.mqtt.host}:{cfg.mqtt.port} publish ok")
+    tls = " over TLS" if cfg.mqtt.tls else " (no TLS: mqtt.tls = false)"
+    return Check("mqtt", True, f"{cfg.mqtt.host}:{cfg.mqtt.port} publish ok{tls}")
 
 
 def _check_s3_sync(cfg: Config) -> Check:
@@ -109,18 +114,52 @@ def _check_s3_sync(cfg: Config) -> Check:
     return Check("s3", True, f"{st.endpoint} bucket {st.bucket!r} with object lock")
 
 
+#: What the probe writes: an empty file is created even on a full disk; data is what needs room.
+_PROBE_BYTES = 64 * 1024
+
+
+def _disk_detail(path: Path, write_error: str = "") -> tuple[bool, str]:
+    from .uploader import disk_state
+
+    state = disk_state(path, write_error=write_error)
+    free = "?" if state.free_bytes is None else f"{state.free_bytes / 2**20:.0f} MiB free"
+    if state.state == "full":
+        why = f"{free}; {state.error}" if state.error else free
+        return False, f"disk FULL ({why}): hold requests and metadata wait in serve's memory"
+    if state.state == "low":
+        return True, f"disk low ({free})"
+    return True, free
+
+
 def check_spool(cfg: Config) -> Check:
+    """The spool (and the hold queue) exist, are writable *with data* (a full disk accepts an empty
+    file), and how much room is left: a full spool delays holds and metadata (``serve`` keeps them in
+    memory and retries; the MQTT status says ``spool_disk``)."""
     path = Path(cfg.recording.host_dir)
     if not path.is_dir():
         return Check("spool", False, f"{path} does not exist (recording.local_dir / asterisk_dir)")
-    try:
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
-            pass
-    except OSError as exc:
-        return Check("spool", False, f"{path}: not writable ({exc.strerror})")
     if not os.access(path, os.R_OK):
         return Check("spool", False, f"{path}: not readable")
-    return Check("spool", True, str(path))
+    details = []
+    ok = True
+    dirs = [path] + ([Path(cfg.storage.queue_dir)] if cfg.storage.queue_dir else [])
+    for where in dirs:
+        write_error = ""
+        try:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".doctor-") as fh:
+                fh.write(b"\0" * _PROBE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except FileNotFoundError:
+            return Check("spool", False, f"{where} does not exist (storage.queue_dir)")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return Check("spool", False, f"{where}: not writable ({exc.strerror})")
+            write_error = exc.strerror or "no space"
+        fine, detail = _disk_detail(where, write_error)
+        ok = ok and fine
+        details.append(f"{where}: {detail}")
+    return Check("spool", ok, "; ".join(details))
 
 
 async def run_checks(cfg: Config) -> list[Check]:

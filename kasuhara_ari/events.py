@@ -50,12 +50,13 @@ import random
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 import aiomqtt
 
@@ -97,6 +98,8 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "caller_listed": frozenset({"action"}),
     "ended": frozenset({"duration_s"}),
     "recording_stored": frozenset({"key"}),
+    "metadata_quarantined": frozenset({"reason"}),
+    "hold_incomplete": frozenset({"reason"}),
 }
 #: Namespaces that route to ``<prefix>/<namespace>/<name>`` instead of a call's topic.
 NAMESPACES = frozenset({"retention", "audit"})
@@ -105,10 +108,26 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RESERVED = frozenset({"schema", "event", "call_id", "seq"})
+_RESERVED_STATUS = frozenset({"schema", "event", "at", "state", "reason", "hostname", "version"})
 
 
 class EventNameError(ValueError):
     """An event name, call_id or topic prefix that must not become part of an MQTT topic."""
+
+
+def mqtt_tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context for every MQTT client of the app (serve, agi, monitor, admin), from ``[mqtt]``;
+    ``None`` when ``mqtt.tls`` is off. The broker's chain is always verified (``ca_file``, else the
+    system's trust store); ``tls_insecure`` only skips the hostname check."""
+    if not cfg.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+    if cfg.tls_insecure:
+        ctx.check_hostname = False
+    return ctx
 
 
 def now_iso() -> str:
@@ -193,6 +212,14 @@ class EventSink(Protocol):
         """Queue an event; never blocks, never raises."""
 
 
+@runtime_checkable
+class StatusDetails(Protocol):
+    """A sink that also carries the service's health in its retained ``status`` message."""
+
+    def set_status_detail(self, name: str, value: Any) -> None:
+        """Put ``name: value`` into the status payload (and republish it if it changed)."""
+
+
 @dataclass
 class MemoryEvents:
     """Keeps events in a list: for tests and for the demo's summary. Payloads are built as for MQTT
@@ -251,6 +278,8 @@ class _Outgoing:
     payload: bytes
     sent: bool = False
     acked: bool = False
+    #: The retained status, built when sent (so a late one never carries stale details).
+    status: bool = False
 
 
 class _CloseDeadline(Exception):
@@ -309,6 +338,7 @@ class MqttEvents:
         username = cfg.username if username is None else username
         password = cfg.password if password is None else password
         buffer_size = cfg.buffer_size if buffer_size is None else buffer_size
+        self._tls_context = mqtt_tls_context(cfg)
         linger_s = cfg.linger_ms / 1000 if linger_s is None else linger_s
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
@@ -350,6 +380,8 @@ class MqttEvents:
         self._throttle = _Throttle(log_interval_s)
         self._dropped_since_log = 0
         self._unknown_warned: set[str] = set()
+        #: Health details every status payload carries (e.g. ``spool_disk``); see set_status_detail().
+        self._status_details: dict[str, Any] = {}
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -490,9 +522,25 @@ class MqttEvents:
 
     # --- the connection's side ----------------------------------------------------------------------
 
+    def set_status_detail(self, name: str, value: Any) -> None:
+        """Report a health detail (``spool_disk``: the spool's disk state) in the retained status; a
+        change republishes it, in order with the events. Thread-safe, never raises."""
+        with self._lock:
+            if self._status_details.get(name) == value or name in _RESERVED_STATUS:
+                return
+            self._status_details[name] = value
+            if self._closing:
+                return
+            self._buffer.append(_Outgoing(0, self.status_topic, b"", status=True))
+            self._trim_locked()
+        self._notify()
+
     def _status(self, state: str, reason: str, at: str | None = None) -> bytes:
+        with self._lock:
+            details = dict(self._status_details)
         return encode(
             {
+                **details,
                 "schema": EVENT_SCHEMA,
                 "event": STATUS_EVENT,
                 "at": at or now_iso(),
@@ -587,6 +635,7 @@ class MqttEvents:
             username=self._username or None,
             password=self._password or None,
             identifier=self._client_id,
+            tls_context=self._tls_context,
             keepalive=self._keepalive_s,
             timeout=self._timeout(self._connect_timeout_s),
             will=aiomqtt.Will(
@@ -700,7 +749,11 @@ class MqttEvents:
                 self._resent += 1
         message.sent = True
         # math.inf: aiomqtt then awaits the PUBACK directly instead of through wait_for (a task each).
-        await client.publish(message.topic, message.payload, qos=1, timeout=math.inf)
+        if message.status:
+            payload = self._status("online", "updated")
+            await client.publish(message.topic, payload, qos=1, retain=True, timeout=math.inf)
+        else:
+            await client.publish(message.topic, message.payload, qos=1, timeout=math.inf)
         message.acked = True
 
     def _settle_inflight(self) -> None:

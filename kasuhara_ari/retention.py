@@ -50,8 +50,8 @@ from zoneinfo import ZoneInfo
 
 from .audit import AuditLog, AuditRecord, audit_key, new_id
 from .events import EventSink
-from .safe import is_safe_call_id
-from .search import CorruptMetadata, local_midnight, parse_metadata, started_of
+from .safe import clean_log_value, is_safe_call_id
+from .search import local_midnight, parse_metadata, started_of
 from .storage import (
     RECORDINGS_PREFIX,
     RETENTION_PREFIX,
@@ -60,6 +60,7 @@ from .storage import (
     ObjectRef,
     ObjectStore,
     PreconditionFailed,
+    PutResult,
     Refusal,
     StorageError,
     day_prefix,
@@ -72,6 +73,7 @@ LEASE_KEY = f"{RETENTION_PREFIX}lease.json"
 LEASE_SCHEMA = "kasuhara.retention-lease/1"
 JOURNAL_SCHEMA = "kasuhara.retention-journal/1"
 MAX_BATCH = 1000
+MAX_PROBLEMS_LISTED = 1000
 
 
 # --------------------------------------------------------------------------------------------- pure
@@ -186,6 +188,9 @@ class SweepReport:
     purged: list[Purged] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    #: All problems found; ``problems`` lists the first MAX_PROBLEMS_LISTED (a bucket full of junk must
+    #: not make the audit record itself too large to write).
+    problems_total: int = 0
     objects_deleted: int = 0
     objects_refused: int = 0
     lease_holder: dict[str, Any] | None = None
@@ -198,7 +203,7 @@ class SweepReport:
             "recordings_kept": self.recordings_kept,
             "purged": len(self.purged),
             "skipped": len(self.skipped),
-            "problems": len(self.problems),
+            "problems": max(self.problems_total, len(self.problems)),
             "objects_deleted": self.objects_deleted,
             "objects_refused": self.objects_refused,
         }
@@ -339,9 +344,7 @@ class RetentionLease:
                             crashed.pid,
                         )
                         inherited.append(crashed)
-                    result = await self.store.put_bytes_if(
-                        LEASE_KEY, self._doc("held", inherited), metadata={}, if_match=info.etag
-                    )
+                    result = await self._put_over(info.etag, self._doc("held", inherited))
             except PreconditionFailed:
                 await asyncio.sleep(0.05)
                 continue
@@ -357,13 +360,24 @@ class RetentionLease:
         self.holder = {"run_id": "?", "note": "lease contended"}
         return False
 
+    async def _put_over(self, etag: str | None, doc: bytes) -> PutResult:
+        """Replace the lease if it still has ``etag``. Ceph RGW 16 refuses ``If-Match`` on a versioned
+        bucket even when the etag matches (and ignores ``If-None-Match``): when a re-read shows the etag
+        unchanged, nobody else wrote, so write plainly; :meth:`acquire`'s read-back still decides who won."""
+        try:
+            return await self.store.put_bytes_if(LEASE_KEY, doc, metadata={}, if_match=etag)
+        except PreconditionFailed:
+            now = await self.store.stat(LEASE_KEY)
+            if now is None or etag is None or now.etag.strip('"') != etag.strip('"'):
+                raise
+            log.warning("retention event=lease_condition_refused_unchanged (server ignores If-Match)")
+            return await self.store.put_bytes(LEASE_KEY, doc, metadata={})
+
     async def renew_if_due(self) -> None:
         if self.etag is None or monotonic_time.monotonic() - self._renewed < self.ttl_s / 3:
             return
         try:
-            result = await self.store.put_bytes_if(
-                LEASE_KEY, self._doc("held", self.inherited), metadata={}, if_match=self.etag
-            )
+            result = await self._put_over(self.etag, self._doc("held", self.inherited))
         except PreconditionFailed:
             self.etag = None
             raise LeaseLost("the retention lease was taken over by another worker") from None
@@ -375,9 +389,7 @@ class RetentionLease:
         if self.etag is None:
             return
         try:
-            await self.store.put_bytes_if(
-                LEASE_KEY, self._doc("free", pending), metadata={}, if_match=self.etag
-            )
+            await self._put_over(self.etag, self._doc("free", pending))
         except PreconditionFailed:
             log.warning("retention event=lease_lost_before_release run_id=%s", self.me.run_id)
         self.etag = None
@@ -449,6 +461,8 @@ class RetentionSweep:
         self._pending: list[_Candidate] = []
         self._journal_n = 0
         self._purged_ids: set[str] = set()
+        #: Versions deleted while a hold on their call was being placed (see DeletionGuard).
+        self._raced: set[ObjectRef] = set()
         self._inflight: asyncio.Future[None] | None = None
 
     # -- the run
@@ -596,21 +610,33 @@ class RetentionSweep:
         problem = rec.metadata_problem()
         if problem is not None:
             return Problem(rec.metadata_key, problem)
-        data = await self.store.get_bytes(rec.metadata_key)
+        try:
+            data = await self.store.get_bytes(rec.metadata_key)
+        except StorageError as exc:
+            if exc.code != "TooLarge":
+                raise  # the server is away or refuses: the run fails and says so
+            return Problem(rec.metadata_key, "metadata unreadable: larger than 16 MiB (not read)")
         if data is None:
             return None  # gone since listed (another worker, an admin delete): nothing to do
         try:
             doc = parse_metadata(data, rec.call_id)
-        except CorruptMetadata as exc:
+            started = started_of(doc)
+        except ValueError as exc:  # CorruptMetadata, or anything the parser's checks let through
             return Problem(rec.metadata_key, f"metadata unreadable: {exc}")
-        started = started_of(doc)
         if started >= self.report.cutoff:
             return None
         return str(doc["started_at"])
 
     def _problem(self, key: str, problem: str) -> None:
+        self.report.problems_total += 1
+        if len(self.report.problems) >= MAX_PROBLEMS_LISTED:
+            return  # counted; the first ones are listed, logged and published
         self.report.problems.append(Problem(key, problem))
-        log.warning("retention event=problem key=%s problem=%s", key, problem.replace(" ", "_")[:120])
+        log.warning(
+            "retention event=problem key=%s problem=%s",
+            clean_log_value(key, max_chars=200),
+            clean_log_value(problem, max_chars=120),
+        )
         self._emit("retention.problem", None, key=key, problem=problem, run_id=self.report.run_id)
 
     def _pending_refs(self) -> int:
@@ -627,6 +653,10 @@ class RetentionSweep:
             outcome = await self.guard.delete(refs[start : start + self.batch_size], dry_run=self.dry_run)
             deleted.update(outcome.deleted)
             refused.extend(outcome.refused)
+            for ref in outcome.raced:
+                # A hold landed while this batch was deleting: what went is reported, never "kept".
+                self._raced.add(ref)
+                self._problem(ref.key, f"deleted while a hold was being placed (version {ref.version_id})")
         return deleted, refused
 
     async def _flush(self) -> None:
@@ -653,16 +683,28 @@ class RetentionSweep:
         # Metadata goes only where the audio is entirely gone: never audio left without its metadata.
         meta_refs = [ref for c in batch if c.rec.call_id not in why for ref in c.rec.refs(c.rec.metadata)]
         meta_deleted, meta_refused = await self._guarded(meta_refs)
+        audio_gone = {p.call_id: ref.key for ref in audio_deleted if (p := parse_recording_key(ref.key))}
         for refusal in meta_refused:
             parsed = parse_recording_key(refusal.ref.key)
             if parsed is not None:
+                if parsed.call_id not in why and parsed.call_id in audio_gone:
+                    # Its audio went in this batch, then its metadata was refused: a hold that came
+                    # while the sweep ran. The audio is not "kept": say what was lost.
+                    self._problem(
+                        audio_gone[parsed.call_id],
+                        f"audio deleted, then its metadata was refused ({refusal.reason}): "
+                        "a hold placed during the sweep came too late for the audio",
+                    )
                 why.setdefault(parsed.call_id, f"metadata kept: {refusal.reason}")
         r.objects_refused += len(audio_refused) + len(meta_refused)
         if not self.dry_run:
             r.objects_deleted += len(audio_deleted) + len(meta_deleted)
+        raced_calls = {p.call_id for ref in self._raced if (p := parse_recording_key(ref.key)) is not None}
         for c in batch:
             reason = why.get(c.rec.call_id)
             if reason is not None:
+                if c.rec.call_id in raced_calls:
+                    reason = f"audio deleted before a concurrent hold landed; {reason}"
                 r.skipped.append(Skipped(c.rec.call_id, c.started_at, reason))
                 continue
             refs = len(c.rec.audio) + len(c.rec.metadata)
@@ -711,8 +753,12 @@ class RetentionSweep:
         return left
 
     async def _finish_one(self, run: RunInfo) -> dict[str, Any]:
-        if await self.store.stat(run.audit_key) is not None:
-            return {"run_id": run.run_id, "audit_key": run.audit_key, "note": "record already written"}
+        # Whether the crashed run's own record exists, by listing its key: the retention role may list the
+        # bucket but not read audit records (a HEAD needs s3:GetObject), so on a server that enforces the
+        # policy a HEAD was refused and the crashed run's deletions were never audited.
+        async for obj in self.store.list_prefix(run.audit_key):
+            if obj.key == run.audit_key:
+                return {"run_id": run.run_id, "audit_key": run.audit_key, "note": "record already written"}
         purged: list[dict[str, Any]] = []
         not_deleted = 0
         async for obj in self.store.list_prefix(f"{RETENTION_PREFIX}runs/{run.run_id}/"):

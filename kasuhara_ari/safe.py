@@ -14,17 +14,25 @@ file path, a shell command, an MQTT topic or a log line unchecked. Two kinds of 
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import unicodedata
+from typing import Any
 
 __all__ = [
     "CALL_ID_RE",
+    "SafeLogFormatter",
     "UnsafeValueError",
+    "UntrustedJsonError",
     "clean_caller_name",
     "clean_caller_number",
     "clean_caller_text",
     "clean_log_value",
     "is_safe_call_id",
+    "json_for_terminal",
+    "load_untrusted_json",
+    "printable",
     "safe_call_id",
     "safe_dtmf",
 ]
@@ -137,3 +145,115 @@ def clean_log_value(value: object, *, max_chars: int = 80) -> str:
     """Text for a ``key=value`` log line: escaped, capped, and without spaces or ``=`` that would split it."""
     text = clean_caller_text(value, max_chars=max(16, max_chars)) or ""
     return text.replace("\\", "\\\\").replace(" ", "\\x20").replace("=", "\\x3d") if text else '""'
+
+
+def printable(value: object, *, max_chars: int = 200) -> str:
+    """Untrusted text (an S3 key, an audit field, an MQTT payload value) for a terminal or a log line.
+
+    Whoever can write to the bucket or the broker chooses these strings: ESC, CR/LF, C1 controls and bidi
+    overrides would let them forge log lines or drive the terminal, so all of them become visible escapes
+    and the text is capped. ``None`` shows as ``-``.
+    """
+    if value is None:
+        return "-"
+    return (
+        clean_caller_text(
+            value if isinstance(value, str | bytes) else str(value), max_chars=max(16, max_chars)
+        )
+        or ""
+    )
+
+
+def _json_escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def json_for_terminal(doc: object, *, indent: int | None = None) -> str:
+    """One line of JSON that is still readable (``ensure_ascii=False``) but carries no raw control, format
+    or bidi character: those are written as ``\\uXXXX`` escapes, which every JSON reader decodes to the
+    same value. (``json.dumps`` escapes only C0 controls: DEL, C1 and U+202E would reach the terminal.)"""
+    separators = (",", ": ") if indent is not None else (",", ":")
+    text = json.dumps(doc, ensure_ascii=False, indent=indent, separators=separators, default=str)
+    # A raw newline can only be the indentation's (json.dumps escapes those inside strings).
+    return "".join(
+        _json_escape(ch) if ch != "\n" and unicodedata.category(ch) in _ESCAPED_CATEGORIES else ch
+        for ch in text
+    )
+
+
+class UntrustedJsonError(ValueError):
+    """A JSON document from outside (bucket, spool, broker) that is not safe to use; says why."""
+
+
+#: Deeper than any document this app writes (metadata nests 3 levels): a deep one is hostile, and nesting
+#: near Python's recursion limit breaks whatever later walks or re-encodes it.
+JSON_MAX_DEPTH = 64
+JSON_MAX_BYTES = 16 * 1024 * 1024
+
+
+def _reject_constant(name: str) -> Any:
+    raise UntrustedJsonError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999 is valid JSON and would be Infinity
+        raise UntrustedJsonError(f"number {text[:20]} is not finite")
+    return value
+
+
+def _depth_ok(doc: object, max_depth: int) -> bool:
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > max_depth:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return True
+
+
+def load_untrusted_json(
+    data: bytes | str, *, max_bytes: int = JSON_MAX_BYTES, max_depth: int = JSON_MAX_DEPTH
+) -> Any:
+    """Parse JSON someone else wrote, or raise :class:`UntrustedJsonError` (a ``ValueError``) — never
+    ``RecursionError``, ``OverflowError`` or a ``NaN``/``Infinity`` float that breaks arithmetic later.
+
+    Larger than ``max_bytes`` or nested deeper than ``max_depth`` is refused.
+    """
+    if len(data) > max_bytes:
+        raise UntrustedJsonError(f"larger than {max_bytes} bytes")
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+    except UntrustedJsonError:
+        raise
+    except RecursionError:
+        raise UntrustedJsonError(f"nested deeper than {max_depth} levels") from None
+    except UnicodeDecodeError:
+        raise UntrustedJsonError("not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise UntrustedJsonError(f"not JSON ({exc.msg} at {exc.pos})") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise UntrustedJsonError(f"not usable JSON ({str(exc)[:80]})") from None
+    if not _depth_ok(doc, max_depth):
+        raise UntrustedJsonError(f"nested deeper than {max_depth} levels")
+    return doc
+
+
+class SafeLogFormatter(logging.Formatter):
+    """One log record, one line, no terminal controls: the last line of defence for every value a log
+    call forgot to clean (an S3 key with ESC or a newline could otherwise forge a log line or drive the
+    operator's terminal). Only the message is escaped; a traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _escape(record.message)
+        return super().formatMessage(record)

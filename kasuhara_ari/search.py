@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import json
 import re
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -24,11 +23,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .safe import safe_call_id
+from .safe import UntrustedJsonError, load_untrusted_json, printable, safe_call_id
 from .storage import (
     HOLDS_PREFIX,
     ObjectStore,
     RecordingKeys,
+    StorageError,
     day_prefix,
     hold_key,
     parse_recording_key,
@@ -154,13 +154,15 @@ def parse_metadata(data: bytes, call_id: str) -> dict[str, Any]:
     """A stored metadata object, checked just enough to act on: a JSON object for this call id with an
     aware ``started_at``. Anything else raises :class:`CorruptMetadata`."""
     try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptMetadata(f"not JSON ({exc.__class__.__name__})") from None
+        # Anyone with a put right on the bucket wrote this: huge, deeply nested or NaN-laden documents
+        # must become a reported problem, never a RecursionError that ends a sweep or a search.
+        doc = load_untrusted_json(data)
+    except UntrustedJsonError as exc:
+        raise CorruptMetadata(str(exc)) from None
     if not isinstance(doc, dict):
         raise CorruptMetadata("not a JSON object")
     if doc.get("call_id") != call_id:
-        raise CorruptMetadata(f"call_id in the document is {str(doc.get('call_id'))[:40]!r}")
+        raise CorruptMetadata(f"call_id in the document is {printable(doc.get('call_id'), max_chars=40)}")
     try:
         parse_started_at(doc.get("started_at"))
     except ValueError as exc:
@@ -318,7 +320,12 @@ class Catalog:
         parsed = parse_recording_key(key)
         if parsed is None or parsed.kind != "json":
             return None
-        data = await self.store.get_bytes(key)
+        try:
+            data = await self.store.get_bytes(key)
+        except StorageError as exc:
+            if exc.code != "TooLarge":
+                raise
+            return Unreadable(key, "larger than 16 MiB (not read)")
         if data is None:
             return None  # deleted since it was listed
         try:
@@ -344,9 +351,9 @@ class Catalog:
         data = await self.store.get_bytes(hold_key(cid))
         if data is not None:
             try:
-                started = json.loads(data).get("started_at")
+                started = load_untrusted_json(data).get("started_at")
                 candidates.append(parse_started_at(started).astimezone(UTC).date())
-            except (ValueError, AttributeError, json.JSONDecodeError):
+            except (ValueError, AttributeError):
                 pass
         seen: set[date] = set()
         for day in candidates:

@@ -30,14 +30,16 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import dataclasses
+import email.utils
 import hashlib
 import io
 import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -133,6 +135,12 @@ def parse_started_at(value: object) -> datetime:
         raise ValueError(f"started_at is not an ISO 8601 timestamp: {str(value)[:64]!r}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValueError(f"started_at has no UTC offset: {str(value)[:64]!r}")
+    try:
+        # 0001-01-01T00:00:00+14:00 is a valid ISO string but no UTC instant: every later comparison
+        # or key derivation would raise OverflowError, far from here. Refuse it as the bad input it is.
+        parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"started_at is outside the representable range: {str(value)[:64]!r}") from None
     return parsed
 
 
@@ -232,17 +240,24 @@ class ObjectStore(Protocol):
         sha256: str,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        legal_hold: bool = False,
     ) -> PutResult:
         """Stream ``length`` bytes of ``path`` into ``key``. The bytes read must hash to ``sha256``, else
-        :class:`ContentChanged` is raised and no object becomes visible."""
+        :class:`ContentChanged` is raised and no object becomes visible. ``if_none_match``: a conditional
+        create (``If-None-Match: *``): :class:`PreconditionFailed` if ``key`` already exists, so an
+        existing recording never gets a second version. ``legal_hold``: the new version is created under
+        an S3 legal hold (``x-amz-object-lock-legal-hold: ON`` on the PUT): the only way the service key
+        may hold on Ceph RGW, which refuses it PutObjectLegalHold."""
         ...
 
     async def put_bytes(
         self, key: str, data: bytes, *, metadata: Mapping[str, str], content_type: str = "application/json"
     ) -> PutResult: ...
 
-    async def stat(self, key: str) -> ObjectInfo | None:
-        """The latest version's size, user metadata and legal hold; ``None`` if there is none."""
+    async def stat(self, key: str, *, version_id: str | None = None) -> ObjectInfo | None:
+        """The latest version's (or ``version_id``'s) size, user metadata and legal hold; ``None`` if
+        there is none."""
         ...
 
     def put_etag_is_md5(self, length: int) -> bool:
@@ -250,12 +265,16 @@ class ObjectStore(Protocol):
         request, no SSE-C): then the server's ETag proves what it stored, without reading it back."""
         ...
 
-    async def get_bytes(self, key: str, *, max_bytes: int = 16 * 1024 * 1024) -> bytes | None:
-        """A small object's content (metadata, hold records); ``None`` if missing."""
+    async def get_bytes(
+        self, key: str, *, max_bytes: int = 16 * 1024 * 1024, version_id: str | None = None
+    ) -> bytes | None:
+        """A small object's content (metadata, hold records); ``None`` if missing. Evidence readers pass
+        the pinned ``version_id``: the latest version may be a later, unheld replacement."""
         ...
 
-    async def get_to_file(self, key: str, path: Path) -> ObjectInfo:
-        """Stream an object into ``path`` (through a temporary file beside it)."""
+    async def get_to_file(self, key: str, path: Path, *, version_id: str | None = None) -> ObjectInfo:
+        """Stream an object (the latest version, or ``version_id``) into ``path`` (through a temporary
+        file beside it)."""
         ...
 
     def list_prefix(self, prefix: str, *, versions: bool = False) -> AsyncIterator[ObjectInfo]:
@@ -277,13 +296,17 @@ class ObjectStore(Protocol):
         if_match: str | None = None,
         if_none_match: bool = False,
         content_type: str = "application/json",
+        legal_hold: bool = False,
     ) -> PutResult:
         """A conditional write: only if ``key`` does not exist (``if_none_match``) or its latest version
         still has the etag ``if_match``; otherwise :class:`PreconditionFailed`."""
         ...
 
-    async def delete_versions(self, refs: Sequence[ObjectRef]) -> list[DeleteFailure]:
-        """Raw batch delete. Call it only through :class:`DeletionGuard` (or for a hold record's release)."""
+    async def delete_versions(
+        self, refs: Sequence[ObjectRef], *, bypass_governance: bool = False
+    ) -> list[DeleteFailure]:
+        """Raw batch delete. Call it only through :class:`DeletionGuard` (or for a hold record's release).
+        ``bypass_governance`` sends ``x-amz-bypass-governance-retention: true`` (admin early delete only)."""
         ...
 
     async def set_legal_hold(self, key: str, on: bool, *, version_id: str | None = None) -> None: ...
@@ -299,6 +322,24 @@ def user_metadata(headers: Mapping[str, str]) -> dict[str, str]:
         if low.startswith("x-amz-meta-"):
             out[low[len("x-amz-meta-") :]] = value
     return out
+
+
+#: Answers to GetObjectLegalHold that mean "no legal hold was ever set on this version".
+NO_LEGAL_HOLD_CODES = frozenset({"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"})
+
+#: Sent on a creating PUT, this places the S3 legal hold with the object (checked against ``s3:PutObject``
+#: only on Ceph RGW). Never given to ``put_object`` as metadata without its ``x-amz-`` prefix: minio would
+#: send it as ``X-Amz-Meta-*`` (pinned on the wire by ``tests/test_storage.py``).
+LEGAL_HOLD_HEADER = "x-amz-object-lock-legal-hold"
+
+
+def lock_checksum_headers(sha256_hex: str) -> dict[str, str]:
+    """The object's sha256 as an S3 checksum on a single PUT. A bucket with a default object-lock
+    retention (``kasuhara storage init``) makes AWS refuse a PUT without Content-MD5 or a checksum, and moto
+    follows it; MinIO and AWS also verify the value, Ceph RGW 16 ignores it. Never on a multipart upload
+    (there a checksum is per part)."""
+    digest = base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
+    return {"x-amz-sdk-checksum-algorithm": "SHA256", "x-amz-checksum-sha256": digest}
 
 
 class HashingReader:
@@ -496,16 +537,27 @@ class MinioStore:
         sha256: str,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        legal_hold: bool = False,
     ) -> PutResult:
+        if if_none_match:
+            return await self._call(
+                lambda: self._create_file(key, path, length, sha256, metadata, content_type, legal_hold),
+                f"put {key}",
+            )
+        hold = {LEGAL_HOLD_HEADER: "ON"} if legal_hold else {}
+
         def put() -> PutResult:
             with path.open("rb") as fh:
+                single = length <= self._part_size
                 result = self._client.put_object(
                     self.bucket,
                     key,
                     HashingReader(fh, length, sha256),  # type: ignore[arg-type]  # read() is all it uses
                     length,
                     content_type=content_type,
-                    metadata=dict(metadata),
+                    # x-amz-* names pass put_object's header normalisation as they are (not user metadata)
+                    metadata={**metadata, **hold, **(lock_checksum_headers(sha256) if single else {})},
                     sse=self._sse,
                     part_size=self._part_size,
                     num_parallel_uploads=self._parallel_parts,
@@ -514,9 +566,95 @@ class MinioStore:
 
         return await self._call(put, f"put {key}")
 
+    def _write_headers(self, metadata: Mapping[str, str], content_type: str) -> dict[str, Any]:
+        """Headers of a write sent through the client's low-level request methods: user metadata as
+        ``x-amz-meta-*`` and the SSE-C headers, exactly what ``put_object`` would send."""
+        headers: dict[str, Any] = {"Content-Type": content_type}
+        headers.update({f"x-amz-meta-{name}": value for name, value in metadata.items()})
+        if self._sse is not None:
+            headers.update(self._sse.headers())
+        return headers
+
+    def _create_file(
+        self,
+        key: str,
+        path: Path,
+        length: int,
+        sha256: str,
+        metadata: Mapping[str, str],
+        content_type: str,
+        legal_hold: bool = False,
+    ) -> PutResult:
+        """Blocking conditional create of a file (``If-None-Match: *``), single PUT or multipart.
+
+        minio-py's public ``put_object`` turns any header it does not know (``If-None-Match`` included)
+        into ``X-Amz-Meta-*`` user metadata (``normalize_headers``): the condition would silently not be
+        sent. So the same requests are made through the client's request methods with the header as
+        given (checked on the wire, ``tests/test_storage.py::test_conditional_create_header_on_the_wire``).
+        A multipart upload carries the condition on its CompleteMultipartUpload (S3 since 2024, MinIO,
+        moto); the parts are sent one at a time, at most one part in memory.
+        """
+        from minio.datatypes import CompleteMultipartUploadResult
+        from minio.helpers import md5sum_hash
+        from minio.xml import Element, SubElement, getbytes
+
+        headers = self._write_headers(metadata, content_type)
+        if legal_hold:
+            headers[LEGAL_HOLD_HEADER] = "ON"  # on the PUT, or the CreateMultipartUpload (as S3 wants)
+        with path.open("rb") as fh:
+            reader = HashingReader(fh, length, sha256)
+            if length <= self._part_size:
+                data = _read_exactly(reader, length)
+                headers["If-None-Match"] = "*"
+                headers.update(lock_checksum_headers(sha256))
+                result = self._client._put_object(self.bucket, key, data, headers)
+                return PutResult(key, (result.etag or "").strip('"'), result.version_id)
+            upload_id = self._client._create_multipart_upload(self.bucket, key, headers)
+            try:
+                part_headers: dict[str, Any] | None = self._sse.headers() if self._sse else None
+                etags: list[str] = []
+                sent = 0
+                while sent < length:
+                    chunk = _read_exactly(reader, min(self._part_size, length - sent))
+                    etags.append(
+                        self._client._upload_part(
+                            self.bucket, key, chunk, part_headers, upload_id, len(etags) + 1
+                        )
+                    )
+                    sent += len(chunk)
+                element = Element("CompleteMultipartUpload")
+                for number, etag in enumerate(etags, start=1):
+                    part = SubElement(element, "Part")
+                    SubElement(part, "PartNumber", str(number))
+                    SubElement(part, "ETag", f'"{etag}"')
+                body = getbytes(element)
+                complete: dict[str, Any] = {
+                    "Content-Type": "application/xml",
+                    "Content-MD5": md5sum_hash(body),
+                    "If-None-Match": "*",
+                }
+                if self._sse is not None:
+                    complete.update(self._sse.headers())
+                response = self._client._execute(
+                    "POST",
+                    self.bucket,
+                    key,
+                    body=body,
+                    headers=complete,
+                    query_params={"uploadId": upload_id},
+                )
+                done = CompleteMultipartUploadResult(response)
+                return PutResult(key, (done.etag or "").strip('"'), done.version_id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._client._abort_multipart_upload(self.bucket, key, upload_id)
+                raise
+
     async def put_bytes(
         self, key: str, data: bytes, *, metadata: Mapping[str, str], content_type: str = "application/json"
     ) -> PutResult:
+        checksum = lock_checksum_headers(hashlib.sha256(data).hexdigest())
+
         def put() -> PutResult:
             result = self._client.put_object(
                 self.bucket,
@@ -524,7 +662,7 @@ class MinioStore:
                 io.BytesIO(data),
                 len(data),
                 content_type=content_type,
-                metadata=dict(metadata),
+                metadata={**metadata, **checksum},
                 sse=self._sse,
             )
             return PutResult(key, (result.etag or "").strip('"'), result.version_id)
@@ -538,12 +676,12 @@ class MinioStore:
 
     # -- reads
 
-    async def stat(self, key: str) -> ObjectInfo | None:
+    async def stat(self, key: str, *, version_id: str | None = None) -> ObjectInfo | None:
         from minio.error import S3Error
 
         def stat() -> ObjectInfo | None:
             try:
-                obj = self._client.stat_object(self.bucket, key, ssec=self._sse)
+                obj = self._client.stat_object(self.bucket, key, ssec=self._sse, version_id=version_id)
             except S3Error as exc:
                 if exc.code in {"NoSuchKey", "NoSuchObject", "NoSuchVersion", "MethodNotAllowed"}:
                     # MethodNotAllowed: the latest version is a delete marker.
@@ -563,14 +701,16 @@ class MinioStore:
 
         return await self._call(stat, f"stat {key}")
 
-    async def get_bytes(self, key: str, *, max_bytes: int = 16 * 1024 * 1024) -> bytes | None:
+    async def get_bytes(
+        self, key: str, *, max_bytes: int = 16 * 1024 * 1024, version_id: str | None = None
+    ) -> bytes | None:
         from minio.error import S3Error
 
         def get() -> bytes | None:
             try:
-                response = self._client.get_object(self.bucket, key, ssec=self._sse)
+                response = self._client.get_object(self.bucket, key, ssec=self._sse, version_id=version_id)
             except S3Error as exc:
-                if exc.code in {"NoSuchKey", "NoSuchObject", "MethodNotAllowed"}:
+                if exc.code in {"NoSuchKey", "NoSuchObject", "NoSuchVersion", "MethodNotAllowed"}:
                     return None
                 raise
             try:
@@ -584,10 +724,10 @@ class MinioStore:
 
         return await self._call(get, f"get {key}")
 
-    async def get_to_file(self, key: str, path: Path) -> ObjectInfo:
+    async def get_to_file(self, key: str, path: Path, *, version_id: str | None = None) -> ObjectInfo:
         def get() -> ObjectInfo:
             tmp = path.with_name(f".{path.name}.part")
-            response = self._client.get_object(self.bucket, key, ssec=self._sse)
+            response = self._client.get_object(self.bucket, key, ssec=self._sse, version_id=version_id)
             try:
                 with tmp.open("wb") as fh:
                     for block in response.stream(CHUNK):
@@ -603,12 +743,15 @@ class MinioStore:
             finally:
                 response.close()
                 response.release_conn()
+            hold_header = headers.get("x-amz-object-lock-legal-hold")
             return ObjectInfo(
                 key=key,
                 size=size,
                 etag=(headers.get("etag") or "").strip('"'),
                 version_id=headers.get("x-amz-version-id"),
+                last_modified=_http_date(headers.get("last-modified")),
                 metadata=user_metadata(headers),
+                legal_hold=None if hold_header is None else hold_header.upper() == "ON",
             )
 
         return await self._call(get, f"get {key}")
@@ -667,11 +810,12 @@ class MinioStore:
         if_match: str | None = None,
         if_none_match: bool = False,
         content_type: str = "application/json",
+        legal_hold: bool = False,
     ) -> PutResult:
-        headers: dict[str, Any] = {"Content-Type": content_type}
-        headers.update({f"x-amz-meta-{name}": value for name, value in metadata.items()})
-        if self._sse is not None:
-            headers.update(self._sse.headers())
+        headers = self._write_headers(metadata, content_type)
+        headers.update(lock_checksum_headers(hashlib.sha256(data).hexdigest()))
+        if legal_hold:
+            headers[LEGAL_HOLD_HEADER] = "ON"
         if if_none_match:
             headers["If-None-Match"] = "*"
         if if_match is not None:
@@ -686,7 +830,9 @@ class MinioStore:
 
     # -- deletes and holds
 
-    async def delete_versions(self, refs: Sequence[ObjectRef]) -> list[DeleteFailure]:
+    async def delete_versions(
+        self, refs: Sequence[ObjectRef], *, bypass_governance: bool = False
+    ) -> list[DeleteFailure]:
         from minio.deleteobjects import DeleteObject
 
         by_pair = {(r.key, r.version_id): r for r in refs}
@@ -697,7 +843,9 @@ class MinioStore:
         def delete() -> list[DeleteFailure]:
             failures = []
             errors = self._client.remove_objects(
-                self.bucket, (DeleteObject(r.key, r.version_id) for r in refs)
+                self.bucket,
+                (DeleteObject(r.key, r.version_id) for r in refs),
+                bypass_governance_mode=bypass_governance,
             )
             for err in errors:
                 name = err.name or ""
@@ -721,8 +869,19 @@ class MinioStore:
         await self._call(set_hold, f"legal hold {key}")
 
     async def legal_hold(self, key: str, *, version_id: str | None = None) -> bool:
+        from minio.error import S3Error
+
         def get() -> bool:
-            return bool(self._client.is_object_legal_hold_enabled(self.bucket, key, version_id=version_id))
+            try:
+                return bool(
+                    self._client.is_object_legal_hold_enabled(self.bucket, key, version_id=version_id)
+                )
+            except S3Error as exc:
+                # Ceph RGW 16 answers GetObjectLegalHold of a version that never had a legal hold with
+                # this error (tested): no hold was ever set, so it is not held.
+                if exc.code in NO_LEGAL_HOLD_CODES:
+                    return False
+                raise
 
         return await self._call(get, f"legal hold {key}")
 
@@ -752,6 +911,37 @@ class MinioStore:
 
         return await self._call(ensure, f"ensure bucket {self.bucket}")
 
+    async def default_retention(self) -> tuple[str, int] | None:
+        """The bucket's default object-lock retention as ``(mode, days)``; ``None`` when it has none."""
+
+        def get() -> tuple[str, int] | None:
+            config = self._client.get_object_lock_config(self.bucket)
+            if config.mode is None or config.duration is None:
+                return None
+            years = str(config.duration_unit or "").lower().startswith("year")
+            return str(config.mode), int(config.duration) * (365 if years else 1)
+
+        return await self._call(get, f"object lock config {self.bucket}")
+
+    async def ensure_default_retention(self, days: int) -> bool:
+        """Give every new object version a GOVERNANCE lock of ``days`` (the retention period), so the
+        server itself refuses to delete a recording early to anyone without ``s3:BypassGovernanceRetention``
+        (the admin role alone). ``True`` if the setting was changed. Governance, not compliance: an admin
+        can still correct a mistake, audited; compliance would make even that impossible."""
+        from minio.commonconfig import GOVERNANCE
+        from minio.objectlockconfig import DAYS, ObjectLockConfig
+
+        if not 1 <= days <= 36500:
+            raise ValueError(f"retention days must be 1..36500, got {days}")
+        if await self.default_retention() == (GOVERNANCE, days):
+            return False
+
+        def put() -> None:
+            self._client.set_object_lock_config(self.bucket, ObjectLockConfig(GOVERNANCE, days, DAYS))
+
+        await self._call(put, f"object lock config {self.bucket}")
+        return True
+
     async def abort_stale_multipart_rule(self, days: int = 1) -> None:
         """Add a lifecycle rule that drops multipart uploads left behind by a crash after ``days``."""
         from minio.commonconfig import ENABLED, Filter
@@ -767,6 +957,29 @@ class MinioStore:
             self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig([rule]))
 
         await self._call(put_rule, "lifecycle")
+
+
+def _read_exactly(reader: HashingReader, length: int) -> bytes:
+    """``length`` bytes from ``reader`` (which raises :class:`ContentChanged` on a short file)."""
+    buf = bytearray()
+    while len(buf) < length:
+        buf += reader.read(length - len(buf))
+    return bytes(buf)
+
+
+def _http_date(value: str | None) -> datetime | None:
+    """An HTTP ``Last-Modified`` header as an aware datetime (``None`` if absent or unreadable)."""
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+
+
+async def key_versions(store: ObjectStore, key: str) -> list[ObjectInfo]:
+    """Every version and delete marker of exactly ``key``, newest first (one listing)."""
+    return [o async for o in store.list_prefix(key, versions=True) if o.key == key]
 
 
 def _truthy(value: object, *, default: bool) -> bool:
@@ -825,6 +1038,8 @@ class MemoryStore:
         self.down = False
         self.fail_next: dict[str, int] = {}
         self.calls: list[tuple[str, str]] = []
+        #: ``bypass_governance`` of each ``delete_versions`` call (who asked to bypass the lock).
+        self.bypass_requests: list[bool] = []
         #: False: answer puts with ETags that are not the MD5 (as SSE-KMS does); ``wrong_etags``: claim
         #: MD5 ETags but give wrong ones (a server that stored something else).
         self.md5_etags = True
@@ -866,14 +1081,19 @@ class MemoryStore:
         sha256: str,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+        legal_hold: bool = False,
     ) -> PutResult:
         self._enter("put_file", key)
+        if if_none_match and self._latest(key) is not None:
+            raise PreconditionFailed(f"put {key}: PreconditionFailed", code="PreconditionFailed")
         buf = bytearray()
         with path.open("rb") as fh:
             reader = HashingReader(fh, length, sha256)
             while block := reader.read(CHUNK):
                 buf += block
         version = self._add(key, bytes(buf), metadata, content_type)
+        version.legal_hold = legal_hold
         return PutResult(key, self._etag(bytes(buf)), version.version_id)
 
     async def put_bytes(
@@ -893,9 +1113,9 @@ class MemoryStore:
     def put_etag_is_md5(self, length: int) -> bool:
         return self.md5_etags
 
-    async def stat(self, key: str) -> ObjectInfo | None:
+    async def stat(self, key: str, *, version_id: str | None = None) -> ObjectInfo | None:
         self._enter("stat", key)
-        v = self._latest(key)
+        v = self._find(key, version_id)
         if v is None or v.data is None:
             return None
         return ObjectInfo(
@@ -908,22 +1128,33 @@ class MemoryStore:
             legal_hold=v.legal_hold,
         )
 
-    async def get_bytes(self, key: str, *, max_bytes: int = 16 * 1024 * 1024) -> bytes | None:
+    async def get_bytes(
+        self, key: str, *, max_bytes: int = 16 * 1024 * 1024, version_id: str | None = None
+    ) -> bytes | None:
         self._enter("get_bytes", key)
-        v = self._latest(key)
+        v = self._find(key, version_id)
         if v is None or v.data is None:
             return None
         if len(v.data) > max_bytes:
             raise StorageError(f"get {key}: larger than {max_bytes} bytes", code="TooLarge")
         return v.data
 
-    async def get_to_file(self, key: str, path: Path) -> ObjectInfo:
+    async def get_to_file(self, key: str, path: Path, *, version_id: str | None = None) -> ObjectInfo:
         self._enter("get_to_file", key)
-        v = self._latest(key)
+        v = self._find(key, version_id)
         if v is None or v.data is None:
-            raise StorageError(f"get {key}: NoSuchKey", code="NoSuchKey")
+            code = "NoSuchKey" if version_id is None else "NoSuchVersion"
+            raise StorageError(f"get {key}: {code}", code=code)
         await asyncio.to_thread(path.write_bytes, v.data)
-        return ObjectInfo(key=key, size=len(v.data), version_id=v.version_id, metadata=dict(v.metadata))
+        return ObjectInfo(
+            key=key,
+            size=len(v.data),
+            etag=hashlib.md5(v.data, usedforsecurity=False).hexdigest(),
+            version_id=v.version_id,
+            last_modified=v.last_modified,
+            metadata=dict(v.metadata),
+            legal_hold=v.legal_hold,
+        )
 
     async def list_prefix(self, prefix: str, *, versions: bool = False) -> AsyncIterator[ObjectInfo]:
         self._enter("list", prefix)
@@ -962,6 +1193,7 @@ class MemoryStore:
         if_match: str | None = None,
         if_none_match: bool = False,
         content_type: str = "application/json",
+        legal_hold: bool = False,
     ) -> PutResult:
         self._enter("put_bytes_if", key)
         latest = self._latest(key)
@@ -972,10 +1204,14 @@ class MemoryStore:
             if etag != if_match.strip('"'):
                 raise PreconditionFailed(f"put {key}: PreconditionFailed", code="PreconditionFailed")
         version = self._add(key, bytes(data), metadata, content_type)
-        return PutResult(key, hashlib.md5(data, usedforsecurity=False).hexdigest(), version.version_id)
+        version.legal_hold = legal_hold
+        return PutResult(key, self._etag(data), version.version_id)
 
-    async def delete_versions(self, refs: Sequence[ObjectRef]) -> list[DeleteFailure]:
+    async def delete_versions(
+        self, refs: Sequence[ObjectRef], *, bypass_governance: bool = False
+    ) -> list[DeleteFailure]:
         self._enter("delete_versions", f"{len(refs)} objects")
+        self.bypass_requests.append(bypass_governance)
         failures = []
         for ref in refs:
             if ref.version_id is None:
@@ -1025,22 +1261,40 @@ class HoldRecord:
     by: str
     at: str
     started_at: str | None = None
+    #: The object versions the hold protects, ``{key: version_id}``. A legal hold protects one version;
+    #: a later PUT to the key is a new, unheld version, so evidence readers read these, never "the
+    #: latest". Filled in once the objects exist; not part of a request's identity (``compare=False``).
+    versions: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
     def create(
-        cls, call_id: str, reason: object, by: object, *, at: str, started_at: datetime | str | None = None
+        cls,
+        call_id: str,
+        reason: object,
+        by: object,
+        *,
+        at: str,
+        started_at: datetime | str | None = None,
+        versions: object = None,
     ) -> HoldRecord:
-        """A record from untrusted input: the id is checked, reason and by are cleaned text."""
+        """A record from untrusted input: the id is checked, reason and by are cleaned text, versions are
+        kept only for this call's recording keys."""
         started = None
         if started_at is not None:
             started = parse_started_at(started_at).isoformat()
+        cid = safe_call_id(call_id)
         return cls(
-            call_id=safe_call_id(call_id),
+            call_id=cid,
             reason=clean_caller_text(reason, max_chars=REASON_MAX_CHARS) or "",
             by=clean_caller_text(by, max_chars=200) or "",
             at=at,
             started_at=started,
+            versions=_clean_versions(versions, cid),
         )
+
+    def with_versions(self, versions: Mapping[str, str]) -> HoldRecord:
+        """The same record pinning ``versions`` where it pins nothing yet (the first pin wins)."""
+        return dataclasses.replace(self, versions={**versions, **self.versions})
 
     def as_metadata_hold(self) -> dict[str, str]:
         """The ``hold`` object of ``kasuhara.recording/1`` metadata."""
@@ -1061,7 +1315,95 @@ class HoldRecord:
             doc.get("by", ""),
             at=str(doc.get("at", "")),
             started_at=doc.get("started_at"),
+            versions=doc.get("versions"),
         )
+
+
+_VERSION_ID_RE = re.compile(r"[A-Za-z0-9._+=/-]{1,1024}")
+
+
+def _clean_versions(value: object, call_id: str) -> dict[str, str]:
+    """``{key: version_id}`` of a hold record, keeping only this call's recording keys and plain ids."""
+    if not isinstance(value, Mapping):
+        return {}
+    out: dict[str, str] = {}
+    for key, vid in value.items():
+        parsed = parse_recording_key(key) if isinstance(key, str) else None
+        if parsed is None or parsed.call_id != call_id:
+            continue
+        if isinstance(vid, str) and _VERSION_ID_RE.fullmatch(vid):
+            out[key] = vid
+    return out
+
+
+@dataclass(frozen=True)
+class PinnedObject:
+    """One of a call's objects as evidence: the version that counts, and what came after it."""
+
+    key: str
+    #: The version that is the evidence (``None``: the key never had one).
+    version_id: str | None
+    #: Where the pin comes from: ``hold record``, ``metadata`` (the audio version the metadata names),
+    #: ``first version`` (the uploader creates each key once, so the first version is the original).
+    source: str
+    #: Whether that version still exists.
+    present: bool
+    #: Versions and delete markers newer than the pinned one, newest first: a replacement or a hiding
+    #: delete marker — "superseded, possible tampering".
+    later: tuple[ObjectInfo, ...] = ()
+
+    @property
+    def superseded(self) -> bool:
+        return bool(self.later)
+
+
+@dataclass(frozen=True)
+class Pins:
+    """The pinned versions of a call's metadata and audio (see :func:`pin_versions`)."""
+
+    metadata: PinnedObject
+    audio: PinnedObject
+    #: The pinned metadata names an audio key (``None``: no readable pinned metadata to say).
+    audio_expected: bool | None
+
+    def versions(self) -> dict[str, str]:
+        return {o.key: o.version_id for o in (self.audio, self.metadata) if o.version_id and o.present}
+
+
+def _pin(key: str, versions: Sequence[ObjectInfo], version_id: str | None, source: str) -> PinnedObject:
+    """Pin ``version_id`` (or, without one, the oldest data version) among ``versions`` (newest first)."""
+    if version_id is None:
+        data = [v for v in versions if not v.is_delete_marker and v.version_id]
+        if not data:
+            return PinnedObject(key, None, "none", False, tuple(versions))
+        version_id, source = data[-1].version_id, "first version"
+    index = next((i for i, v in enumerate(versions) if v.version_id == version_id), None)
+    if index is None:
+        return PinnedObject(key, version_id, source, False, tuple(versions))
+    return PinnedObject(key, version_id, source, True, tuple(versions[:index]))
+
+
+async def pin_versions(store: ObjectStore, keys: RecordingKeys, pinned: Mapping[str, str]) -> Pins:
+    """Which version of each object is the evidence: the hold record's pins (``pinned``); else for the
+    metadata its first version, for the audio the version the pinned metadata names (``audio.version_id``,
+    recorded at upload), else its first version. Two listings and one GET."""
+    meta = _pin(
+        keys.metadata, await key_versions(store, keys.metadata), pinned.get(keys.metadata), "hold record"
+    )
+    audio_vid, source, expected = pinned.get(keys.audio), "hold record", None
+    if meta.present and meta.version_id is not None:
+        data = await store.get_bytes(keys.metadata, version_id=meta.version_id)
+        doc: object = None
+        with contextlib.suppress(ValueError, RecursionError):
+            doc = json.loads(data) if data is not None else None
+        audio = doc.get("audio") if isinstance(doc, dict) else None
+        if isinstance(audio, dict):
+            expected = bool(audio.get("key"))
+            named = audio.get("version_id")
+            if audio_vid is None and isinstance(named, str) and _VERSION_ID_RE.fullmatch(named):
+                audio_vid, source = named, "metadata"
+    audio_pin = _pin(keys.audio, await key_versions(store, keys.audio), audio_vid, source)
+    return Pins(meta, audio_pin, expected)
 
 
 @dataclass(frozen=True)
@@ -1072,6 +1414,18 @@ class HoldOutcome:
     held_keys: tuple[str, ...]
     #: The metadata object does not exist yet (not uploaded): the hold must be applied again at upload.
     pending_upload: bool
+    #: ``{key: version_id}`` the hold protects (as written in the hold record).
+    pinned: Mapping[str, str] = field(default_factory=dict)
+    #: Keys whose evidence is gone: the pinned version no longer exists, or the pinned metadata names
+    #: audio of which no version is left. A hold that lost a race with a deletion says so here.
+    lost: tuple[str, ...] = ()
+    #: Keys whose pinned version exists without a legal hold and this key may not place one (Ceph RGW
+    #: refuses the service key PutObjectLegalHold): the hold record protects them from the retention
+    #: sweep (and the default GOVERNANCE retention meanwhile); an admin's ``recordings hold`` places it.
+    refused: tuple[str, ...] = ()
+
+
+_GONE = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchVersion", "MethodNotAllowed"})
 
 
 class RecordingHolds:
@@ -1080,46 +1434,177 @@ class RecordingHolds:
     Order matters for crash safety: the hold record is written *first* (the deletion guard refuses on it
     alone), then the legal holds; a release removes the legal holds first and the record last. A crash in
     between therefore always leaves the recording protected, and a re-run completes the operation.
+
+    Holds pin versions: the record lists ``{key: version_id}`` and the legal holds go on exactly those
+    versions (a legal hold protects one version; a later PUT is a new, unheld one). A legal hold that
+    cannot be set because its version is gone (a retention sweep deleted it between the sweep's check of
+    the hold records and this hold) is reported in :attr:`HoldOutcome.lost`, never as held.
     """
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    async def apply(self, record: HoldRecord, keys: RecordingKeys) -> HoldOutcome:
+    async def _current(self, keys: RecordingKeys) -> tuple[ObjectInfo | None, HoldRecord | None]:
+        info = await self.store.stat(keys.hold)
+        if info is None:
+            return None, None
+        data = await self.store.get_bytes(keys.hold, version_id=info.version_id)
+        try:
+            return info, HoldRecord.from_json(data) if data is not None else None
+        except (ValueError, RecursionError):
+            return info, None  # unreadable: still a hold (the guard refuses on its existence); kept as is
+
+    async def apply(
+        self,
+        record: HoldRecord,
+        keys: RecordingKeys,
+        *,
+        versions: Mapping[str, str] | None = None,
+        resolve: bool = True,
+        created_held: Collection[str] = (),
+    ) -> HoldOutcome:
+        """Write (or complete) the hold record, then legal holds on the pinned versions. ``versions``:
+        versions the caller just created (the uploader), pinned without looking them up; ``resolve``
+        False: pin nothing else now (the uploader's record-first step, before its own objects exist);
+        ``created_held``: keys of ``versions`` created under a legal hold (PUT header), never re-held."""
+        for _ in range(5):
+            try:
+                return await self._apply(record, keys, versions or {}, resolve, frozenset(created_held))
+            except PreconditionFailed:
+                continue  # another writer changed the hold record meanwhile: read it again
+        raise PreconditionFailed(f"hold {keys.call_id}: the hold record keeps changing", code="Conflict")
+
+    async def _replace(self, keys: RecordingKeys, record: HoldRecord, info: ObjectInfo) -> None:
+        """Replace the hold record ``info`` (read just before) with ``record``: ``If-Match`` on its ETag.
+
+        Ceph RGW 16 refuses every ``If-Match`` on a versioned bucket, even a matching one: when the
+        record re-read is still that very version, nobody wrote, so it is written plainly. Not atomic: a
+        write between the re-read and ours is overwritten. The only writers are other ``apply`` calls
+        (which add the same kind of pins: the first pin wins again on their retry) and ``release`` (which
+        deletes the record): the race can only leave a record in place, i.e. keep a hold, never drop one.
+        """
+        data = record.to_json()
+        meta = {META_CALL_ID: record.call_id}
+        try:
+            await self.store.put_bytes_if(keys.hold, data, metadata=meta, if_match=info.etag)
+            return
+        except PreconditionFailed:
+            again = await self.store.stat(keys.hold)
+            if again is None or again.version_id != info.version_id or again.etag != info.etag:
+                raise  # really changed: apply() reads it again
+        log.warning(
+            "hold event=condition_refused_unchanged call_id=%s (server refuses If-Match)", record.call_id
+        )
+        await self.store.put_bytes(keys.hold, data, metadata=meta)
+
+    async def _hold_one(self, key: str, vid: str, created_held: bool) -> str:
+        """Legal hold on one pinned version: ``held``, ``lost`` (gone) or ``refused`` (this key may not).
+
+        Even a version created with the hold header is read back (HEAD reports the hold on S3, MinIO,
+        RGW and moto): RGW 16 and moto ignore the header on a *multipart* upload (tested), so "sent" is
+        not "held"."""
+        info = await self.store.stat(key, version_id=vid)
+        if info is None:
+            return "lost"
+        if info.legal_hold:
+            return "held"  # created under the hold, or held before: no API call needed
+        if created_held:
+            log.warning("hold event=create_header_ignored key=%s (setting it through the API)", key)
+        try:
+            await self.store.set_legal_hold(key, True, version_id=vid)
+        except StorageRefused as exc:
+            if exc.code != "AccessDenied":
+                raise
+            return "refused"
+        except StorageError as exc:
+            if exc.code not in _GONE:
+                raise
+            return "lost"
+        return "held"
+
+    async def _apply(
+        self,
+        record: HoldRecord,
+        keys: RecordingKeys,
+        given: Mapping[str, str],
+        resolve: bool,
+        created_held: frozenset[str] = frozenset(),
+    ) -> HoldOutcome:
+        info, current = await self._current(keys)
+        pins = dict(current.versions) if current is not None else {}
+        pins.update({k: v for k, v in given.items() if k not in pins})
+        found: Pins | None = None
+        if resolve and not {keys.audio, keys.metadata} <= pins.keys():
+            found = await pin_versions(self.store, keys, pins)
+            pins.update({k: v for k, v in found.versions().items() if k not in pins})
         written = False
-        if await self.store.stat(keys.hold) is None:
-            await self.store.put_bytes(
+        if info is None:
+            await self.store.put_bytes_if(
                 keys.hold,
-                record.to_json(),
+                record.with_versions(pins).to_json(),
                 metadata={META_CALL_ID: record.call_id},
-                content_type="application/json",
+                if_none_match=True,
             )
             written = True
+        elif current is not None and pins != dict(current.versions):
+            await self._replace(keys, current.with_versions(pins), info)
         held: list[str] = []
-        meta = await self.store.stat(keys.metadata)
-        audio = await self.store.stat(keys.audio)
-        for key, info in ((keys.audio, audio), (keys.metadata, meta)):
-            if info is None:
+        lost: list[str] = []
+        refused: list[str] = []
+        for key in (keys.audio, keys.metadata):
+            vid = pins.get(key)
+            if vid is None:
                 continue
-            if info.legal_hold is not True:
-                await self.store.set_legal_hold(key, True)
-            held.append(key)
-        log.info(
-            "hold event=applied call_id=%s record_written=%s held=%d pending_upload=%s",
+            result = await self._hold_one(key, vid, key in created_held and given.get(key) == vid)
+            {"held": held, "lost": lost, "refused": refused}[result].append(key)
+        if found is not None and found.audio_expected and keys.audio not in pins and keys.audio not in lost:
+            lost.append(keys.audio)  # the metadata names audio of which no version is left
+        pending = keys.metadata not in pins and not (found is not None and found.metadata.later)
+        log.log(
+            logging.ERROR if lost or refused else logging.INFO,
+            "hold event=applied call_id=%s record_written=%s held=%d lost=%d refused=%d pending_upload=%s",
             record.call_id,
             written,
             len(held),
-            meta is None,
+            len(lost),
+            len(refused),
+            pending,
         )
-        return HoldOutcome(written, tuple(held), pending_upload=meta is None)
+        return HoldOutcome(written, tuple(held), pending, pins, tuple(lost), tuple(refused))
+
+    async def verify(self, pinned: Mapping[str, str]) -> list[str]:
+        """Re-read each pinned version: the keys whose version is missing or not under legal hold."""
+        bad = []
+        for key, vid in pinned.items():
+            info = await self.store.stat(key, version_id=vid)
+            if info is None:
+                bad.append(key)
+                continue
+            held = info.legal_hold
+            if held is None:
+                held = await self.store.legal_hold(key, version_id=vid)
+            if not held:
+                bad.append(key)
+        return bad
 
     async def release(self, keys: RecordingKeys) -> tuple[str, ...]:
-        """Remove the legal holds on both objects, then the hold record. Returns the keys released."""
+        """Remove the legal holds (the pinned versions' and the latest's), then the hold record. Returns
+        the keys released."""
+        _, current = await self._current(keys)
+        pinned = dict(current.versions) if current is not None else {}
         released = []
         for key in (keys.audio, keys.metadata):
+            targets: set[str | None] = {pinned.get(key)} - {None}
             info = await self.store.stat(key)
             if info is not None:
-                await self.store.set_legal_hold(key, False)
+                targets.add(info.version_id)
+            for vid in targets:
+                try:
+                    await self.store.set_legal_hold(key, False, version_id=vid)
+                except StorageError as exc:
+                    if exc.code not in _GONE:
+                        raise
+            if targets:
                 released.append(key)
         if await self.store.stat(keys.hold) is not None:
             await self.store.delete_versions([ObjectRef(keys.hold)])
@@ -1150,6 +1635,9 @@ class Refusal:
 class DeletionOutcome:
     deleted: tuple[ObjectRef, ...]
     refused: tuple[Refusal, ...]
+    #: Deleted, but their call had a hold record by the time the batch was done: a hold placed while the
+    #: batch was in flight. Never to be reported as kept (the hold command reports the loss too).
+    raced: tuple[ObjectRef, ...] = ()
 
 
 def deletion_verdicts(
@@ -1176,14 +1664,26 @@ class DeletionGuard:
     record (``holds/<call_id>.json``); any version with an S3 legal hold (checked here *and* enforced by
     the server, whose refusals are reported as refusals, not errors). Deletes in batches of ≤ 1000.
 
-    The hold records are listed once per :meth:`delete` call (one small prefix, not a bucket scan). A hold
-    placed while a batch is being deleted is still safe: its record is written before its legal hold and
-    the server refuses deleting a held version.
+    The hold records are listed once per :meth:`delete` call (one small prefix, not a bucket scan), and
+    once more after a batch deleted something: a hold placed between the first listing and the
+    DeleteObjects (its record written, its legal hold not yet) cannot save a version the batch already
+    deleted, so such deletions come back as :attr:`DeletionOutcome.raced`, never as "kept"; the hold
+    itself finds its pinned version gone and says so (``recordings hold`` exits non-zero naming it).
     """
 
-    def __init__(self, store: ObjectStore, *, check_legal_hold: bool = True, concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        check_legal_hold: bool = True,
+        concurrency: int = 8,
+        bypass_governance: bool = False,
+    ) -> None:
         self.store = store
         self.check_legal_hold = check_legal_hold
+        #: Only the admin's early delete sets this (the retention sweep never does: what the lock still
+        #: protects is not its to delete, and its key is denied the bypass anyway).
+        self.bypass_governance = bypass_governance
         self._limit = asyncio.Semaphore(concurrency)
 
     async def held_call_ids(self) -> set[str]:
@@ -1228,7 +1728,7 @@ class DeletionGuard:
         deleted: list[ObjectRef] = []
         for start in range(0, len(allowed), 1000):
             batch = allowed[start : start + 1000]
-            failures = await self.store.delete_versions(batch)
+            failures = await self.store.delete_versions(batch, bypass_governance=self.bypass_governance)
             failed = {(f.ref.key, f.ref.version_id): f for f in failures}
             # A failure the server reported without its VersionId (moto does) cannot be pinned to one
             # version: count every version of that key in the batch as refused. Under-reporting a
@@ -1240,61 +1740,111 @@ class DeletionGuard:
                     deleted.append(ref)
                 else:
                     refused.append(Refusal(ref, f"server refused ({failure.code})"))
+        raced: list[ObjectRef] = []
+        if deleted:
+            held_now = await self.held_call_ids()
+            for ref in deleted:
+                parsed = parse_recording_key(ref.key)
+                if parsed is not None and parsed.call_id in held_now:
+                    raced.append(ref)
+                    log.error("delete event=raced_with_hold key=%s version=%s", ref.key, ref.version_id)
         for r in refused:
             log.info("delete event=refused key=%s reason=%s", r.ref.key, r.reason.replace(" ", "_"))
-        return DeletionOutcome(tuple(deleted), tuple(refused))
+        return DeletionOutcome(tuple(deleted), tuple(refused), tuple(raced))
 
 
 # --------------------------------------------------------------------------------------------- policies
 
 
 def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
-    """The S3 (IAM / MinIO) policy of each role in DESIGN.md, for ``bucket``.
+    """The S3 (IAM / MinIO / Ceph RGW) policy of each role in DESIGN.md, for ``bucket``.
 
-    - ``service`` (``kasuhara serve``): writes recordings and hold records, sets legal holds, reads back
-      what it wrote (HEAD for verification and idempotent retries); cannot delete anything.
-    - ``retention``: lists, reads metadata and hold records, deletes recording versions, writes audit
-      records, reads and writes its lease and run journals under ``retention/``; cannot touch holds or
-      legal holds.
-    - ``admin``: everything on recordings, holds and audit records except deleting audit records; no
-      bucket configuration and no governance bypass.
+    One source of truth: ``docs/s3-policies/*.json`` are these documents for ``kasuhara-recordings``,
+    ``kasuhara storage policies`` prints them, and tests/test_policies_enforced.py applies them to a
+    server that enforces them. Why the explicit ``Deny`` statements: on Ceph RGW the uploader *owns* the
+    objects it writes (its ACL lets it read them and lift their holds unless a policy denies it), and RGW
+    grants ``x-amz-bypass-governance-retention`` to anyone not explicitly denied
+    ``s3:BypassGovernanceRetention``. The README ("Storage and roles") has the details.
+
+    - ``service`` (``kasuhara serve``): creates recordings and hold records, reads metadata and hold
+      records (idempotent retries), switches legal holds ON only; never reads audio, deletes, lifts a hold,
+      shortens a lock or bypasses governance.
+    - ``retention``: lists, reads metadata, hold records and legal-hold states, deletes recording versions
+      the object lock no longer protects, writes audit records and its chain head, reads and writes its
+      lease and run journals under ``retention/``; no bypass, no holds.
+    - ``admin``: everything the CLI does on recordings, holds, audit and the caller list, and alone may
+      bypass governance retention (early deletion, with an audit record first); never deletes audit records.
     """
     arn = f"arn:aws:s3:::{bucket}"
+    everything = [arn, f"{arn}/*"]
 
     def objects(*prefixes: str) -> list[str]:
         return [f"{arn}/{p}*" for p in prefixes]
+
+    audio = [f"{arn}/{RECORDINGS_PREFIX}*.wav"]
+    metadata = [f"{arn}/{RECORDINGS_PREFIX}*.json"]
+    chains = "audit-chains/"  # audit.AUDIT_CHAINS_PREFIX: each writer's hash-chain head
+    never_lift = {"s3:PutObjectRetention", "s3:BypassGovernanceRetention"}
+    never_owner = ["s3:PutObjectAcl", "s3:PutObjectVersionAcl", "s3:PutBucketPolicy", "s3:PutBucketAcl"]
+    hold_on_only = [
+        {
+            # AWS (and servers that evaluate the key) let the call service switch a hold ON, never OFF.
+            "Sid": "NoHoldReleaseByCondition",
+            "Effect": "Deny",
+            "Action": ["s3:PutObjectLegalHold"],
+            "Resource": everything,
+            "Condition": {"StringNotEquals": {"s3:object-lock-legal-hold": "ON"}},
+        },
+        {
+            # A server that does not supply the key (Ceph RGW 16-18) cannot tell ON from OFF: no hold
+            # changes through the legal-hold API at all; holds are then set by the creating PUT.
+            "Sid": "NoHoldChangeWhereTheServerCannotTellOnFromOff",
+            "Effect": "Deny",
+            "Action": ["s3:PutObjectLegalHold"],
+            "Resource": everything,
+            "Condition": {"Null": {"s3:object-lock-legal-hold": "true"}},
+        },
+    ]
 
     service = {
         "Version": "2012-10-17",
         "Statement": [
             {
-                "Sid": "WriteRecordingsAndHolds",
+                "Sid": "SeeMissingObjectsAs404AndVersions",
                 "Effect": "Allow",
-                "Action": [
-                    "s3:PutObject",
-                    "s3:GetObject",
-                    "s3:AbortMultipartUpload",
-                    "s3:ListMultipartUploadParts",
-                ],
+                "Action": ["s3:ListBucket", "s3:ListBucketVersions"],
+                "Resource": [arn],
+            },
+            {
+                "Sid": "CreateRecordingsAndHoldRecords",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
                 "Resource": objects(RECORDINGS_PREFIX, HOLDS_PREFIX),
             },
             {
-                "Sid": "LegalHolds",
+                "Sid": "ReadMetadataHoldRecordsAndCallerList",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": metadata + objects(HOLDS_PREFIX, CALLERS_PREFIX),
+            },
+            {
+                "Sid": "SwitchHoldsOn",
                 "Effect": "Allow",
                 "Action": ["s3:PutObjectLegalHold", "s3:GetObjectLegalHold"],
                 "Resource": objects(RECORDINGS_PREFIX),
             },
+            *hold_on_only,
             {
-                "Sid": "ReadCallerList",
-                "Effect": "Allow",
-                "Action": ["s3:GetObject"],
-                "Resource": objects(CALLERS_PREFIX),
+                "Sid": "NeverReadAudio",
+                "Effect": "Deny",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": audio,
             },
             {
-                "Sid": "SeeMissingObjectsAs404",
-                "Effect": "Allow",
-                "Action": ["s3:ListBucket"],
-                "Resource": [arn],
+                "Sid": "NeverDeleteOrWeakenTheLock",
+                "Effect": "Deny",
+                "Action": sorted({"s3:DeleteObject", "s3:DeleteObjectVersion", *never_lift}) + never_owner,
+                "Resource": everything,
             },
         ],
     }
@@ -1311,13 +1861,20 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Sid": "ReadMetadataAndHolds",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject", "s3:GetObjectVersion", "s3:GetObjectLegalHold"],
-                "Resource": objects(RECORDINGS_PREFIX, HOLDS_PREFIX),
+                "Resource": metadata + objects(HOLDS_PREFIX),
             },
             {
+                "Sid": "ReadLegalHoldOfAudio",
+                "Effect": "Allow",
+                "Action": ["s3:GetObjectLegalHold"],
+                "Resource": objects(RECORDINGS_PREFIX),
+            },
+            {
+                # The bucket ARN too: Ceph RGW checks a multi-object delete against the bucket.
                 "Sid": "PurgeRecordings",
                 "Effect": "Allow",
                 "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
-                "Resource": objects(RECORDINGS_PREFIX),
+                "Resource": [arn, *objects(RECORDINGS_PREFIX)],
             },
             {
                 "Sid": "WriteAudit",
@@ -1326,10 +1883,28 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Resource": objects(AUDIT_PREFIX),
             },
             {
-                "Sid": "LeaseAndRunJournal",
+                "Sid": "LeaseRunJournalAndAuditChain",
                 "Effect": "Allow",
                 "Action": ["s3:GetObject", "s3:PutObject"],
-                "Resource": objects(RETENTION_PREFIX),
+                "Resource": objects(RETENTION_PREFIX, chains),
+            },
+            {
+                "Sid": "NeverReadAudio",
+                "Effect": "Deny",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": audio,
+            },
+            {
+                "Sid": "DeleteOnlyRecordings",
+                "Effect": "Deny",
+                "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
+                "Resource": objects(AUDIT_PREFIX, chains, HOLDS_PREFIX, CALLERS_PREFIX),
+            },
+            {
+                "Sid": "NeverLiftHoldsOrLocks",
+                "Effect": "Deny",
+                "Action": sorted({"s3:PutObjectLegalHold", *never_lift}) + never_owner,
+                "Resource": everything,
             },
         ],
     }
@@ -1352,18 +1927,41 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                     "s3:AbortMultipartUpload",
                     "s3:ListMultipartUploadParts",
                 ],
-                "Resource": objects(RECORDINGS_PREFIX, HOLDS_PREFIX, AUDIT_PREFIX, CALLERS_PREFIX),
+                "Resource": objects(
+                    RECORDINGS_PREFIX, HOLDS_PREFIX, AUDIT_PREFIX, chains, CALLERS_PREFIX, RETENTION_PREFIX
+                ),
             },
             {
-                "Sid": "HoldsAndDeletion",
+                "Sid": "ReadPublishedSigningKey",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": objects("keys/"),
+            },
+            {
+                "Sid": "HoldsLocksAndDeletion",
                 "Effect": "Allow",
                 "Action": [
                     "s3:PutObjectLegalHold",
                     "s3:GetObjectLegalHold",
+                    "s3:GetObjectRetention",
+                    "s3:PutObjectRetention",
+                    "s3:BypassGovernanceRetention",
                     "s3:DeleteObject",
                     "s3:DeleteObjectVersion",
                 ],
-                "Resource": objects(RECORDINGS_PREFIX, HOLDS_PREFIX),
+                "Resource": [arn, *objects(RECORDINGS_PREFIX, HOLDS_PREFIX, CALLERS_PREFIX)],
+            },
+            {
+                "Sid": "NeverDeleteAudit",
+                "Effect": "Deny",
+                "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
+                "Resource": objects(AUDIT_PREFIX, chains),
+            },
+            {
+                "Sid": "NeverChangeOwnershipOrPolicy",
+                "Effect": "Deny",
+                "Action": never_owner,
+                "Resource": everything,
             },
         ],
     }

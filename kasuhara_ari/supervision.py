@@ -39,7 +39,7 @@ import aiomqtt
 
 from .ari import CONNECTED, AriClient, AriError, ChannelGone
 from .config import Config, MqttConfig
-from .events import EventSink, build_payload, encode, topic_for
+from .events import EventSink, build_payload, encode, mqtt_tls_context, topic_for
 from .safe import safe_call_id
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,7 @@ class SessionEvents:
             self.cfg.port,
             username=self.cfg.username or None,
             password=self.cfg.password or None,
+            tls_context=mqtt_tls_context(self.cfg),
             timeout=self.timeout_s,
         ) as client:
             yield client

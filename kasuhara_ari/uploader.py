@@ -19,11 +19,15 @@ One upload, in this order (each step idempotent, so a crash anywhere is repaired
 
 1. the hold record, if the call is flagged (before anything else: the deletion guard refuses on it);
 2. the audio: hashed in a first streaming pass (sha256 and MD5), skipped if the bucket already has this key
-   with the same size and sha256, else streamed up (re-hashed while sending; a file that changed aborts the
-   upload before it completes), then verified, then legal hold if flagged;
-3. the metadata (audio key/bytes/sha256 filled in) — last, so a reader that sees the ``.json`` object sees a
-   complete recording; skipped if already there for this audio (``x-amz-meta-audio-sha256``); verified;
-4. holds asked for during the upload; then the event ``recording_stored``;
+   with the same size and sha256, else streamed up as a conditional create (``If-None-Match: *``: a key is
+   never given a second version; a *different* recording there is a :class:`RecordingCollision`, kept in
+   the spool) (re-hashed while sending; a file that changed aborts the upload before it completes), then
+   verified;
+3. the metadata (audio key/bytes/sha256 and the audio's ``version_id`` filled in), also a conditional
+   create — last, so a reader that sees the ``.json`` object sees a complete recording; skipped if already
+   there for this audio (``x-amz-meta-audio-sha256``); verified;
+4. if flagged: the hold record completed with both version ids, legal holds on exactly those versions;
+   then holds asked for during the upload; then the event ``recording_stored``;
 5. local files removed: ``.wav``, ``.done``, ``.json``, and the ``.hold`` marker last.
 
 *Verified*: the ETag of a single-part put is the MD5 of what the server received; when the store says its
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import errno
 import fcntl
@@ -50,6 +55,7 @@ import json
 import logging
 import os
 import random
+import re
 import struct
 import tempfile
 import time
@@ -60,17 +66,28 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .events import EventSink, now_iso
-from .safe import clean_caller_name, clean_caller_number, is_safe_call_id, safe_call_id
+from .events import EventSink, StatusDetails, now_iso
+from .safe import (
+    UntrustedJsonError,
+    clean_caller_name,
+    clean_caller_number,
+    clean_log_value,
+    is_safe_call_id,
+    load_untrusted_json,
+    safe_call_id,
+)
+from .search import Catalog
 from .storage import (
     META_AUDIO_SHA256,
     META_CALL_ID,
     META_SHA256,
     NO_AUDIO,
+    HoldOutcome,
     HoldRecord,
     MinioStore,
     ObjectInfo,
     ObjectStore,
+    PreconditionFailed,
     PutResult,
     RecordingHolds,
     RecordingKeys,
@@ -86,8 +103,16 @@ log = logging.getLogger(__name__)
 RECORDING_SCHEMA = "kasuhara.recording/1"
 SUFFIXES = (".wav", ".done", ".json", ".hold")
 LOCK_NAME = ".kasuhara-uploader.lock"
+#: Where unusable local files go (inside the spool, so a rename never crosses filesystems): kept for a
+#: human to look at, out of the uploader's way. Nothing in it is ever uploaded or deleted by the app.
+QUARANTINE_DIR = "quarantine"
+#: Larger than any metadata or hold marker the app writes by orders of magnitude.
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+MAX_HOLD_MARKER_BYTES = 64 * 1024
 META_AUDIO_STATUS = "audio-status"
 META_ORPHANED = "orphaned"
+#: The flag ``*1`` puts into the metadata (escalation.py).
+FLAG_HARASSMENT = "harassment"
 
 
 # --------------------------------------------------------------------------------------------- spool
@@ -232,15 +257,19 @@ class Spool:
         return LocalState(call_id, stat(files.wav), stat(files.done), stat(files.json), stat(files.hold))
 
     def read_metadata(self, call_id: str) -> dict[str, Any]:
-        """The call's metadata, checked for what the uploader relies on; :class:`InvalidMetadata` if not."""
+        """The call's metadata, checked for what the uploader relies on; :class:`InvalidMetadata` if not.
+
+        Never raises anything else for bad content (deep nesting, NaN, impossible dates): one bad file
+        must not stop the uploader, and with it ``serve``."""
         path = self.files(call_id).json
-        raw = path.read_bytes()
-        if len(raw) > 16 * 1024 * 1024:
-            raise InvalidMetadata(f"{path.name}: larger than 16 MiB")
+        with path.open("rb") as fh:
+            if os.fstat(fh.fileno()).st_size > MAX_METADATA_BYTES:
+                raise InvalidMetadata(f"{path.name}: larger than 16 MiB")
+            raw = fh.read(MAX_METADATA_BYTES + 1)
         try:
-            doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidMetadata(f"{path.name}: not JSON ({exc})") from None
+            doc = load_untrusted_json(raw, max_bytes=MAX_METADATA_BYTES)
+        except UntrustedJsonError as exc:
+            raise InvalidMetadata(f"{path.name}: {exc}") from None
         if not isinstance(doc, dict):
             raise InvalidMetadata(f"{path.name}: not a JSON object")
         if doc.get("call_id") != call_id:
@@ -257,17 +286,66 @@ class Spool:
         return write_file_atomic(self.files(call_id).json, data, replace=replace)
 
     def read_hold(self, call_id: str) -> HoldRecord | None:
+        """The hold asked for this call, if any. A marker that cannot be read still means "hold": it is
+        quarantined and replaced by a readable one that says so, and the same record comes back on every
+        read (one rebuilt with ``at=now`` never equalled itself, so :meth:`finish` looped forever)."""
         path = self.files(call_id).hold
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as fh:
+                st = os.fstat(fh.fileno())
+                raw = fh.read(MAX_HOLD_MARKER_BYTES + 1)
         except FileNotFoundError:
             return None
+        started: object = None
         try:
-            return HoldRecord.from_json(raw)
-        except (ValueError, json.JSONDecodeError):
-            # Written atomically, so only a manual edit gets here; a hold must never be dropped silently.
-            log.error("spool event=unreadable_hold_marker call_id=%s", call_id)
-            return HoldRecord(call_id=call_id, reason="(unreadable hold marker)", by="", at=now_iso())
+            doc = load_untrusted_json(raw, max_bytes=MAX_HOLD_MARKER_BYTES)
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            started = doc.get("started_at")
+            record = HoldRecord.from_json(raw)
+            if record.call_id != call_id:
+                raise ValueError("call_id does not match the file name")
+            return record
+        except ValueError as exc:
+            problem = str(exc)
+        try:
+            started_at = parse_started_at(started).isoformat()
+        except ValueError:
+            started_at = None
+        # Deterministic: the marker's own mtime, not the time of reading.
+        at = datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="milliseconds")
+        record = HoldRecord.create(
+            call_id, f"(unreadable hold marker: {problem})", "", at=at, started_at=started_at
+        )
+        log.error(
+            "spool event=unreadable_hold_marker call_id=%s problem=%s action=kept_as_hold",
+            call_id,
+            clean_log_value(problem, max_chars=120),
+        )
+        try:
+            moved = self.quarantine(path)
+            write_file_atomic(path, record.to_json(), replace=True)
+        except OSError as err:  # a full disk: the record above is still returned on every read
+            log.error("spool event=hold_marker_repair_failed call_id=%s error=%s", call_id, err)
+        else:
+            log.warning("spool event=quarantined file=%s moved_to=%s", path.name, moved)
+        return record
+
+    def quarantine(self, path: Path) -> Path:
+        """Keep an unusable file for a human (hard link, so the original can then be replaced atomically
+        by the caller); returns where. Raises ``OSError`` (e.g. ENOSPC)."""
+        qdir = self.directory / QUARANTINE_DIR
+        qdir.mkdir(mode=0o700, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = qdir / f"{path.name}.{stamp}"
+        try:
+            os.link(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # the queue dir on another filesystem: copy instead
+                raise
+            write_file_atomic(target, path.read_bytes(), replace=False)
+        _fsync_dir(qdir)
+        return target
 
     def write_hold(self, record: HoldRecord) -> HoldRecord:
         """Durably record a hold request; the first one for a call wins and is returned."""
@@ -407,10 +485,41 @@ def wav_duration_s(path: Path, size: int) -> float:
     return max(0.0, (size - 44) / byte_rate) if byte_rate else 0.0
 
 
-def orphan_metadata(call_id: str, wav: Path) -> dict[str, Any]:
-    """Minimal metadata for audio whose call service never wrote any (the app died during the call)."""
-    st = wav.stat()
-    started = st.st_mtime - wav_duration_s(wav, st.st_size)
+#: A hold signal in metadata that could not be parsed: ``"hold": {`` or ``"hold": "`` (not null), or the
+#: ``*1`` flag anywhere. Crude on purpose: a false positive keeps evidence, a false negative loses it.
+_HOLD_SIGNAL = re.compile(rb'"hold"\s*:\s*[{"]|"harassment"')
+
+
+def hold_signal(raw: bytes) -> bool:
+    """Whether unusable metadata still shows that the call was flagged or held."""
+    try:
+        doc = load_untrusted_json(raw, max_bytes=MAX_METADATA_BYTES)
+    except UntrustedJsonError:
+        return _HOLD_SIGNAL.search(raw[:MAX_METADATA_BYTES]) is not None
+    if not isinstance(doc, dict):
+        return _HOLD_SIGNAL.search(raw) is not None
+    flags = doc.get("flags")
+    return bool(doc.get("hold")) or (isinstance(flags, list) and FLAG_HARASSMENT in flags)
+
+
+def salvage_metadata(call_id: str, wav: Path | None, reason: str, quarantined: str) -> dict[str, Any]:
+    """Metadata for a recording whose own was unusable: what orphan adoption writes, plus why. The audio
+    still goes to the bucket; the bad document stays in the spool's quarantine for a human."""
+    if wav is not None and wav.exists():
+        doc = orphan_metadata(call_id, wav)
+    else:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        doc = {**orphan_metadata_fields(call_id), "started_at": now, "ended_at": now}
+    doc["orphan_note"] = (
+        "the call service's metadata was unusable and is kept in the spool's quarantine; "
+        "started_at estimated from the audio file"
+    )
+    doc["metadata_invalid"] = {"reason": reason[:500], "quarantined": quarantined}
+    return doc
+
+
+def orphan_metadata_fields(call_id: str) -> dict[str, Any]:
+    """The fields of adopted metadata that do not depend on the audio file."""
     return {
         "schema": RECORDING_SCHEMA,
         "call_id": call_id,
@@ -418,9 +527,9 @@ def orphan_metadata(call_id: str, wav: Path) -> dict[str, Any]:
         "caller": {"number": None, "name": None},
         "target": None,
         "agent": None,
-        "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds"),
+        "started_at": None,
         "answered_at": None,
-        "ended_at": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="milliseconds"),
+        "ended_at": None,
         "duration_s": None,
         "notice_played": False,
         "audio": {"format": "wav", "expected": True},
@@ -429,6 +538,17 @@ def orphan_metadata(call_id: str, wav: Path) -> dict[str, Any]:
         "hold": None,
         "orphaned": True,
         "orphan_note": "the call service wrote no metadata; started_at estimated from the audio file",
+    }
+
+
+def orphan_metadata(call_id: str, wav: Path) -> dict[str, Any]:
+    """Minimal metadata for audio whose call service never wrote any (the app died during the call)."""
+    st = wav.stat()
+    started = st.st_mtime - wav_duration_s(wav, st.st_size)
+    return {
+        **orphan_metadata_fields(call_id),
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds"),
+        "ended_at": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="milliseconds"),
     }
 
 
@@ -441,6 +561,10 @@ class AudioResult:
     key: str | None = None
     bytes: int | None = None
     sha256: str | None = None
+    #: The version the upload created (or found): the metadata records it, a hold pins it.
+    version_id: str | None = None
+    #: This upload created that version (then under the legal hold if the call was flagged by then).
+    created: bool = False
 
 
 def final_metadata(
@@ -466,6 +590,7 @@ def final_metadata(
             "key": audio.key,
             "bytes": audio.bytes,
             "sha256": audio.sha256,
+            "version_id": audio.version_id,
             "status": audio.status,
             "incomplete": audio.status == "incomplete",
         }
@@ -484,6 +609,52 @@ def encode_metadata(doc: Mapping[str, Any]) -> bytes:
         return json.dumps(doc, ensure_ascii=True, indent=1).encode("ascii")
 
 
+# --------------------------------------------------------------------------------------------- disk
+
+
+#: ``low``: below this many free bytes or this fraction of the filesystem, whichever is smaller.
+LOW_FREE_BYTES = 512 * 1024 * 1024
+LOW_FREE_FRACTION = 0.05
+#: ``full``: below this (a WAV of a minute is ~1 MiB), or a write just failed for lack of space.
+FULL_FREE_BYTES = 1024 * 1024
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """How much room the spool (and the hold queue) has: ``ok``, ``low``, ``full`` or ``unknown``."""
+
+    state: str
+    path: str
+    free_bytes: int | None = None
+    total_bytes: int | None = None
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", None)}
+
+
+def disk_state(path: Path, *, write_error: str = "") -> DiskState:
+    """Blocking: the state of the filesystem holding ``path``; a recent out-of-space ``write_error``
+    makes it ``full`` whatever statvfs says (reserved blocks, quotas)."""
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        return DiskState("unknown", str(path), error=exc.strerror or type(exc).__name__)
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if write_error or free < FULL_FREE_BYTES:
+        state = "full"
+    elif free < min(LOW_FREE_BYTES, total * LOW_FREE_FRACTION):
+        state = "low"
+    else:
+        state = "ok"
+    return DiskState(state, str(path), free, total, write_error)
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _NO_SPACE
+
+
 class RetryLater(Exception):
     def __init__(self, reason: str, delay_s: float) -> None:
         super().__init__(reason)
@@ -492,6 +663,11 @@ class RetryLater(Exception):
 
 class VerifyError(StorageError):
     """The object read back does not match what was uploaded."""
+
+
+class RecordingCollision(StorageRefused):
+    """The key already holds a *different* recording (a call-id collision, or someone wrote there): the
+    uploader never replaces it. The local files stay in the spool (retried, logged as an error)."""
 
 
 @dataclass
@@ -510,6 +686,10 @@ class UploaderStats:
     skipped_existing: int = 0
     failures: int = 0
     holds_applied: int = 0
+    #: Holds whose S3 legal hold this key could not place (see ``Uploader._report_refused``).
+    holds_need_admin: int = 0
+    #: Holds that came after a sweep deleted the evidence (``HoldOutcome.lost``): reported, never applied.
+    holds_lost: int = 0
     started_at: float = field(default_factory=time.time)
 
 
@@ -556,6 +736,12 @@ class Uploader:
         self._next_full = 0.0
         self._meta_cache: dict[str, tuple[tuple[int, int], Mapping[str, Any] | InvalidMetadata]] = {}
         self._lock_fd: int | None = None
+        #: Holds asked for while the disk refused the marker (full): applied from here at upload, and
+        #: written again on every pass until the marker is on disk. Never dropped.
+        self._unwritten_holds: dict[str, HoldRecord] = {}
+        #: The last out-of-space write error, until a write succeeds again.
+        self._space_error = ""
+        self.disk: DiskState | None = None
 
     # -- public
 
@@ -579,10 +765,70 @@ class Uploader:
         retrying while S3 is down. The first hold of a call wins; it is returned.
         """
         record = HoldRecord.create(call_id, reason, by, at=now_iso(), started_at=started_at)
-        stored = await asyncio.to_thread(self.spool.write_hold, record)
-        log.info("hold event=requested call_id=%s", record.call_id)
+        try:
+            stored = await asyncio.to_thread(self.spool.write_hold, record)
+        except OSError as exc:
+            # A full spool disk must not lose a *1: keep it here, apply it at upload, and write it on
+            # every pass until it is durable (log, doctor and the MQTT status say the disk is full).
+            stored = self._unwritten_holds.setdefault(record.call_id, record)
+            self._note_write_error(exc)
+            log.error(
+                "hold event=not_durable call_id=%s error=%s (kept in memory; retried until written)",
+                record.call_id,
+                clean_log_value(exc.strerror or exc, max_chars=80),
+            )
+            await self._report_disk()
+        else:
+            log.info("hold event=requested call_id=%s", record.call_id)
         await self.notify(record.call_id)
         return stored
+
+    def _note_write_error(self, exc: BaseException) -> None:
+        if is_out_of_space(exc):
+            self._space_error = f"{type(exc).__name__}: {getattr(exc, 'strerror', '') or exc}"
+
+    def _write_unwritten_holds(self) -> None:
+        """Blocking: try again to make the holds kept in memory durable."""
+        for call_id, record in list(self._unwritten_holds.items()):
+            try:
+                self.spool.write_hold(record)
+            except OSError as exc:
+                self._note_write_error(exc)
+                return  # the disk is still full: the next pass tries again
+            self._space_error = ""
+            del self._unwritten_holds[call_id]
+            self._due.add(call_id)
+            log.warning("hold event=durable call_id=%s (written after the disk had refused it)", call_id)
+
+    def _observe_disk(self) -> DiskState:
+        """Blocking: the spool's (or the hold queue's, if worse) disk state."""
+        if self._space_error and not self._unwritten_holds:
+            self._space_error = ""  # nothing waits for room any more: statvfs alone says it again
+        states = [disk_state(self.spool.directory, write_error=self._space_error)]
+        if self.spool.queue_dir != self.spool.directory:
+            states.append(disk_state(self.spool.queue_dir, write_error=self._space_error))
+        order = {"full": 0, "unknown": 1, "low": 2, "ok": 3}
+        return min(states, key=lambda d: order.get(d.state, 1))
+
+    async def _report_disk(self) -> None:
+        """Log a change of the disk state, and put it into the MQTT status (``spool_disk``)."""
+        state = await asyncio.to_thread(self._observe_disk)
+        previous, self.disk = self.disk, state
+        if previous is not None and previous.state == state.state:
+            return
+        level = {"ok": logging.INFO, "low": logging.WARNING}.get(state.state, logging.ERROR)
+        if previous is not None or state.state != "ok":
+            log.log(
+                level,
+                "spool event=disk_%s path=%s free_bytes=%s unwritten_holds=%d error=%s",
+                state.state,
+                state.path,
+                state.free_bytes,
+                len(self._unwritten_holds),
+                clean_log_value(state.error or "-", max_chars=80),
+            )
+        if isinstance(self.events, StatusDetails):
+            self.events.set_status_detail("spool_disk", state.as_dict())
 
     async def run(self) -> None:
         """Scan the spool now and keep uploading until cancelled."""
@@ -613,6 +859,8 @@ class Uploader:
         scan of the spool is due. Between full scans only the call ids that were named are looked at:
         under load a scan of the whole spool per burst of finished calls cost more than the uploads."""
         retries = [t.not_before for t in self._track.values() if t.not_before > 0]
+        if self._unwritten_holds:  # a hold not yet on disk: try again soon
+            retries.append(time.monotonic() + 1.0)
         until = min([self._next_full, *retries])
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, until - time.monotonic())):
@@ -627,7 +875,7 @@ class Uploader:
     async def wait_empty(self, poll_s: float = 0.1) -> None:
         """Return once the spool holds no recording and no hold marker (for drains and tests)."""
         while True:
-            if not await asyncio.to_thread(self.spool.scan):
+            if not await asyncio.to_thread(self.spool.scan) and not self._unwritten_holds:
                 return
             await asyncio.sleep(poll_s)
 
@@ -674,6 +922,8 @@ class Uploader:
             return None
         except InvalidMetadata as exc:
             value = exc
+        except (ValueError, OverflowError, RecursionError) as exc:  # a check above missed it: still not fatal
+            value = InvalidMetadata(f"{state.call_id}.json: {type(exc).__name__}")
         self._meta_cache[state.call_id] = (stamp, value)
         return value
 
@@ -698,6 +948,12 @@ class Uploader:
 
     async def _schedule(self, tasks: asyncio.TaskGroup, ids: set[str] | None) -> None:
         """Start what is ready: of the whole spool (``ids`` None), or of the named call ids."""
+        if self._unwritten_holds:
+            await asyncio.to_thread(self._write_unwritten_holds)
+            if ids is not None:
+                ids = ids | self._due
+        if ids is None or self._unwritten_holds:
+            await self._report_disk()
         if ids is not None and not ids:
             return
         try:
@@ -730,7 +986,7 @@ class Uploader:
             if cid in self._active or track.not_before > mono:
                 continue
             track.not_before = 0.0  # looked at now; a failure or RetryLater sets the next time again
-            if decision.action in (Action.WAIT, Action.INVALID):
+            if decision.action is Action.WAIT:
                 continue
             if len(self._active) >= self.concurrency:
                 self._due.add(cid)  # next, when an upload finishes (it wakes the loop)
@@ -749,6 +1005,9 @@ class Uploader:
                 await self._apply_marker_hold(call_id)
             elif decision.action is Action.DROP_STRAY_DONE:
                 await asyncio.to_thread(self.spool.remove_stray_done, call_id)
+            elif decision.action is Action.INVALID:
+                await asyncio.to_thread(self._salvage, call_id, decision.reason)
+                self._due.add(call_id)  # upload it with the salvaged metadata on the next pass
             track.attempts = 0
             track.not_before = 0.0
         except RetryLater as exc:
@@ -760,6 +1019,7 @@ class Uploader:
             track.attempts += 1
             track.fresh = False  # part of it may be stored: look before writing again
             self.stats.failures += 1
+            self._note_write_error(exc)
             delay = backoff_delay(track.attempts, base_s=self.backoff_base_s, cap_s=self.backoff_cap_s)
             track.not_before = time.monotonic() + delay
             # An outage is expected and logged as a warning; a refusal (credentials, policy) or anything
@@ -782,6 +1042,41 @@ class Uploader:
             self._wake.set()
 
     # -- the work
+
+    def _salvage(self, call_id: str, reason: str) -> None:
+        """Blocking: unusable ``<id>.json`` (malformed, huge, deeply nested, impossible dates) goes to the
+        quarantine and is replaced by minimal metadata, so the audio is still uploaded; a hold or flag
+        still visible in the bad document becomes a hold marker first (a crash in between keeps it)."""
+        files = self.spool.files(call_id)
+        try:
+            with files.json.open("rb") as fh:
+                raw = fh.read(MAX_METADATA_BYTES + 1)
+        except FileNotFoundError:
+            return
+        held = hold_signal(raw)
+        moved = self.spool.quarantine(files.json)
+        where = str(moved.relative_to(self.spool.directory))
+        doc = salvage_metadata(call_id, files.wav, reason, where)
+        if held and self.spool.read_hold(call_id) is None and call_id not in self._unwritten_holds:
+            self.spool.write_hold(
+                HoldRecord.create(
+                    call_id,
+                    "flagged or held in metadata that was unusable (quarantined)",
+                    "uploader",
+                    at=now_iso(),
+                    started_at=doc["started_at"],
+                )
+            )
+        self.spool.write_metadata(call_id, doc, replace=True)
+        self._meta_cache.pop(call_id, None)
+        log.error(
+            "upload event=metadata_quarantined call_id=%s reason=%s moved_to=%s hold_signal=%s",
+            call_id,
+            clean_log_value(reason, max_chars=120),
+            where,
+            held,
+        )
+        self.events.emit("metadata_quarantined", call_id, reason=reason[:500], quarantined=where, held=held)
 
     def _adopt(self, call_id: str) -> None:
         files = self.spool.files(call_id)
@@ -811,12 +1106,29 @@ class Uploader:
         self, key: str, result: PutResult, *, size: int, sha256: str, md5: str
     ) -> ObjectInfo | None:
         """Prove the object holds what was sent: its ETag is the MD5 of our bytes where the server gives
-        one (returns None: nothing read back), else read back size and ``x-amz-meta-sha256``."""
+        one (returns None: nothing read back), else read back size and ``x-amz-meta-sha256`` of the
+        version this put created."""
         if self.store.put_etag_is_md5(size) and result.etag == md5:
             return None
-        info = await self.store.stat(key)
+        info = await self.store.stat(key, version_id=result.version_id)
         if info is None or info.size != size or info.metadata.get(META_SHA256) != sha256:
             raise VerifyError(f"verify {key}: object does not match the uploaded file")
+        return info
+
+    async def _existing(
+        self, key: str, same: Callable[[ObjectInfo], bool], info: ObjectInfo | None = None
+    ) -> ObjectInfo:
+        """The object already at ``key`` (``info``, or read now after a conditional create lost), if it
+        is this very recording (a retry whose first answer was lost); a different one is a
+        :class:`RecordingCollision`."""
+        if info is None:
+            info = await self.store.stat(key)
+        if info is None or not same(info):
+            log.error("upload event=collision key=%s (a different object exists; never replaced)", key)
+            raise RecordingCollision(
+                f"{key} already holds a different recording; not replaced", code="Exists"
+            )
+        self.stats.skipped_existing += 1
         return info
 
     async def _store_audio(
@@ -829,9 +1141,8 @@ class Uploader:
             info = await self.store.stat(keys.audio)
             if info is not None and info.metadata.get(META_SHA256):
                 # Uploaded before a crash that came after the local file was removed.
-                await self._ensure_legal_hold(keys.audio, info, held)
                 status = info.metadata.get(META_AUDIO_STATUS, "stored")
-                return AudioResult(status, keys.audio, info.size, info.metadata[META_SHA256])
+                return AudioResult(status, keys.audio, info.size, info.metadata[META_SHA256], info.version_id)
             if not decision.final:
                 raise RetryLater("audio expected; waiting for it", self.timing.incomplete_after_s / 4)
             log.warning("upload event=audio_missing call_id=%s", call_id)
@@ -841,45 +1152,59 @@ class Uploader:
         if size == 0:
             return AudioResult("empty", None, 0, None)
         status = "incomplete" if mode is AudioMode.INCOMPLETE else "stored"
-        info = None if self._is_fresh(call_id) else await self.store.stat(keys.audio)
-        if info is not None and info.size == size and info.metadata.get(META_SHA256) == sha:
-            self.stats.skipped_existing += 1
-            log.info("upload event=audio_already_stored call_id=%s key=%s", call_id, keys.audio)
-        else:
-            result = await self.store.put_file(
-                keys.audio,
-                wav,
-                length=size,
-                sha256=sha,
-                metadata={META_SHA256: sha, META_CALL_ID: call_id, META_AUDIO_STATUS: status},
-                content_type="audio/wav",
-            )
-            info = await self._verify_put(keys.audio, result, size=size, sha256=sha, md5=md5)
-        await self._ensure_legal_hold(keys.audio, info, held)
-        return AudioResult(status, keys.audio, size, sha)
 
-    async def _ensure_legal_hold(self, key: str, info: ObjectInfo | None, held: bool) -> None:
-        """``info``: the object as read back, None when just written (so it carries no hold yet)."""
-        if held and (info is None or info.legal_hold is not True):
-            await self.store.set_legal_hold(key, True)
+        def same(info: ObjectInfo) -> bool:
+            return info.size == size and info.metadata.get(META_SHA256) == sha
+
+        info = None if self._is_fresh(call_id) else await self.store.stat(keys.audio)
+        if info is not None:
+            info = await self._existing(keys.audio, same, info)
+            log.info("upload event=audio_already_stored call_id=%s key=%s", call_id, keys.audio)
+            version = info.version_id
+        else:
+            try:
+                # A conditional create: an existing recording is never replaced by a second version.
+                result = await self.store.put_file(
+                    keys.audio,
+                    wav,
+                    length=size,
+                    sha256=sha,
+                    metadata={META_SHA256: sha, META_CALL_ID: call_id, META_AUDIO_STATUS: status},
+                    content_type="audio/wav",
+                    if_none_match=True,
+                    legal_hold=held,  # held from its creation: the service never needs PutObjectLegalHold
+                )
+            except PreconditionFailed:
+                version = (await self._existing(keys.audio, same)).version_id
+            else:
+                await self._verify_put(keys.audio, result, size=size, sha256=sha, md5=md5)
+                return AudioResult(status, keys.audio, size, sha, result.version_id, created=True)
+        return AudioResult(status, keys.audio, size, sha, version)
 
     async def _store_metadata(
-        self, keys: RecordingKeys, doc: Mapping[str, Any], audio: AudioResult, held: bool
-    ) -> None:
+        self, keys: RecordingKeys, doc: Mapping[str, Any], audio: AudioResult, *, held: bool = False
+    ) -> tuple[str | None, bool]:
+        """Store the metadata object once (conditional create, under a legal hold if ``held``); returns
+        its version id and whether this call created it."""
         audio_mark = audio.sha256 or NO_AUDIO
         orphaned = "yes" if doc.get("orphaned") else "no"
+
+        def same(info: ObjectInfo) -> bool:
+            return (
+                info.metadata.get(META_AUDIO_SHA256) == audio_mark
+                and info.metadata.get(META_ORPHANED, "no") == orphaned
+            )
+
         info = None if self._is_fresh(keys.call_id) else await self.store.stat(keys.metadata)
-        if (
-            info is not None
-            and info.metadata.get(META_AUDIO_SHA256) == audio_mark
-            and info.metadata.get(META_ORPHANED, "no") == orphaned
-        ):
+        if info is not None:
             # Already stored for this audio: a re-run after a crash must not add a second version.
+            info = await self._existing(keys.metadata, same, info)
             log.info("upload event=metadata_already_stored call_id=%s key=%s", keys.call_id, keys.metadata)
-        else:
-            data = encode_metadata(doc)
-            sha = hashlib.sha256(data).hexdigest()
-            result = await self.store.put_bytes(
+            return info.version_id, False
+        data = encode_metadata(doc)
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            result = await self.store.put_bytes_if(
                 keys.metadata,
                 data,
                 metadata={
@@ -888,15 +1213,58 @@ class Uploader:
                     META_CALL_ID: keys.call_id,
                     META_ORPHANED: orphaned,
                 },
+                if_none_match=True,
                 content_type="application/json",
+                legal_hold=held,
             )
-            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            info = await self._verify_put(keys.metadata, result, size=len(data), sha256=sha, md5=md5)
-        await self._ensure_legal_hold(keys.metadata, info, held)
+        except PreconditionFailed:
+            return (await self._existing(keys.metadata, same)).version_id, False
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        await self._verify_put(keys.metadata, result, size=len(data), sha256=sha, md5=md5)
+        return result.version_id, True
+
+    async def _ensure_held(
+        self,
+        hold: HoldRecord,
+        keys: RecordingKeys,
+        versions: Mapping[str, str],
+        created_held: frozenset[str] = frozenset(),
+    ) -> bool:
+        """The hold record pinning ``versions`` and legal holds on them; a pinned version that is gone
+        fails the upload (retried; the local files stay), never a silent success. ``created_held``: the
+        keys this upload created with the legal-hold header. False: a legal hold was refused (reported)."""
+        outcome = await self.holds.apply(hold, keys, versions=versions, created_held=created_held)
+        if outcome.lost:
+            raise StorageError(f"hold {keys.call_id}: pinned version gone: {', '.join(outcome.lost)}")
+        self._report_refused(hold, outcome)
+        return not outcome.refused
+
+    def _report_refused(self, hold: HoldRecord, outcome: HoldOutcome) -> None:
+        """Legal holds this key may not place (the service on Ceph RGW, for a hold asked after the audio
+        was stored without one): the hold record stands and the retention sweep honours it, but the S3
+        legal hold needs an admin's ``kasuhara recordings hold``. Said loudly, never counted as held."""
+        if not outcome.refused:
+            return
+        self.stats.holds_need_admin += 1
+        log.error(
+            "hold event=legal_hold_refused call_id=%s keys=%s (hold record kept; run `kasuhara recordings"
+            " hold` with the admin key to place the S3 legal hold)",
+            hold.call_id,
+            ",".join(outcome.refused),
+        )
+        self.events.emit(
+            "hold_incomplete",
+            hold.call_id,
+            reason="legal_hold_refused",
+            keys=list(outcome.refused),
+            record=True,
+        )
 
     def _read_local(self, call_id: str) -> tuple[dict[str, Any], HoldRecord | None]:
-        """Blocking: the call's metadata and hold marker (one trip to a thread for both)."""
-        return self.spool.read_metadata(call_id), self.spool.read_hold(call_id)
+        """Blocking: the call's metadata and hold marker (one trip to a thread for both); a hold the disk
+        refused is taken from memory."""
+        marker = self.spool.read_hold(call_id) or self._unwritten_holds.get(call_id)
+        return self.spool.read_metadata(call_id), marker
 
     async def _upload(self, call_id: str, decision: Decision) -> None:
         try:
@@ -915,18 +1283,29 @@ class Uploader:
                 started_at=keys_started(metadata),
             )
         if hold is not None:
-            await self.holds.apply(hold, keys)  # record first (objects may not exist yet)
+            await self.holds.apply(hold, keys, resolve=False)  # record first (objects may not exist yet)
         audio = await self._store_audio(call_id, keys, decision, held=hold is not None)
         doc = final_metadata(metadata, keys, audio, hold)
-        await self._store_metadata(keys, doc, audio, held=hold is not None)
+        meta_version, meta_created = await self._store_metadata(keys, doc, audio, held=hold is not None)
+        # The versions this upload created (or found): what a hold pins, so a later PUT to either key
+        # can never stand in for the evidence.
+        versions = {
+            k: v for k, v in ((audio.key, audio.version_id), (keys.metadata, meta_version)) if k and v
+        }
+        complete = True
         if hold is not None:
-            await self.holds.apply(hold, keys)  # confirms record + both legal holds (idempotent)
+            # Completes the record with the pinned versions and holds exactly those (idempotent); what
+            # this upload created carries its legal hold from the PUT already.
+            created = {keys.metadata} if meta_created else set()
+            if audio.created and audio.key:
+                created.add(audio.key)
+            complete = await self._ensure_held(hold, keys, versions, frozenset(created))
         # Local files go now, unless a hold was asked for while uploading: that one is applied first.
         held = hold is not None
         while (late := await asyncio.to_thread(self.spool.finish, call_id, marker)) is not None:
-            await self.holds.apply(late, keys)
+            complete = await self._ensure_held(late, keys, versions)
             marker, held = late, True
-        if held:
+        if held and complete:
             self.stats.holds_applied += 1
         self.stats.stored += 1
         fields: dict[str, Any] = {
@@ -956,15 +1335,35 @@ class Uploader:
         state = await asyncio.to_thread(self.spool.inspect, call_id)
         if state.json is not None or state.wav is not None:
             return  # the recording is (again) local: the upload applies the hold
-        if marker.started_at is None:
-            log.error("hold event=cannot_locate call_id=%s reason=no_started_at", call_id)
-            raise RetryLater("hold without started_at", self.backoff_cap_s)
-        keys = recording_keys(call_id, marker.started_at)
+        if marker.started_at is not None:
+            keys = recording_keys(call_id, marker.started_at)
+        else:
+            # An unreadable marker lost the call's date: find the recording as `recordings show` does
+            # (HEAD requests on the days the call id's epoch and an existing hold record point at).
+            located = await Catalog(self.store).locate(call_id)
+            if located is None:
+                log.error("hold event=cannot_locate call_id=%s reason=no_started_at", call_id)
+                raise RetryLater("hold without started_at", self.backoff_cap_s)
+            keys = located.keys
         outcome = await self.holds.apply(marker, keys)
-        if outcome.pending_upload:
+        if outcome.pending_upload and not outcome.lost:
             # Not uploaded and not local: the call has not ended yet (metadata comes later). Keep it.
             raise RetryLater("recording not uploaded yet", min(self.backoff_cap_s, 5.0))
-        self.stats.holds_applied += 1
+        if outcome.lost:
+            # The hold came too late: a sweep deleted (part of) the evidence. Never counted as applied;
+            # the record stays (it says a hold was asked for), the marker goes (retrying cannot help).
+            self.stats.holds_lost += 1
+            log.error(
+                "hold event=evidence_lost call_id=%s keys=%s (deleted before the hold was placed)",
+                call_id,
+                ",".join(outcome.lost),
+            )
+            self.events.emit(
+                "hold_incomplete", call_id, reason="evidence_lost", keys=list(outcome.lost), record=True
+            )
+        elif not outcome.refused:
+            self.stats.holds_applied += 1
+        self._report_refused(marker, outcome)
         await asyncio.to_thread(self.spool.remove_hold, call_id, marker)
 
 

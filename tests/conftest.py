@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -24,6 +25,9 @@ STACK_DIR = Path(os.environ.get("KASUHARA_STACK_DIR", "/var/cache/kasuhara"))
 STACK_CONFIG = Path(os.environ.get("KASUHARA_TEST_CONFIG", STACK_DIR / "kasuhara.toml"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parent.parent
+# `kasuhara storage init` creates the export signing key at ~/.config/kasuhara/ by default: tests (and the
+# CLI processes they start, which inherit the environment) keep theirs in a scratch directory instead.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="kasuhara-test-config-")
 
 
 def skip_or_fail(message: str) -> None:
@@ -148,3 +152,33 @@ def sip_workdir(tmp_path: Path) -> Path:
     work = tmp_path / "sipp"
     work.mkdir()
     return work
+
+
+# --- running in parallel (scripts/test: pytest -n 2 --dist loadgroup) -------------------------------------
+#: Tests that share one server whose state a test may change as a whole run one after another on one
+#: worker: the stack's Asterisk (a test stops it; SIP phones and the dialplan's fixed AGI port are shared)
+#: and Ceph RGW (tests attach policies to its four role users). Everything else (unit tests, moto with a
+#: bucket per test, mosquitto with a topic per test) spreads over the workers.
+SERIAL_GROUPS = {"asterisk": "asterisk", "rgw": "rgw"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, group in SERIAL_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what tests recorded with ``record_property("report", text)`` (e.g. the per-role policy matrix
+    on the enforcing S3 server): visible in every run's output, also from xdist workers, without ``-s``."""
+    lines: list[str] = []
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, value in getattr(report, "user_properties", ()):
+            if name == "report" and report.when == "call":
+                lines.append(f"{report.nodeid}:\n{value}")
+    if lines:
+        terminalreporter.section("reports from the tests")
+        for text in lines:
+            terminalreporter.write_line(text)

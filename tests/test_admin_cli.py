@@ -4,6 +4,7 @@ the real S3 server, each audited."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -290,11 +291,14 @@ def test_hold_delete_release_flow_every_step_audited(s3env: Env) -> None:
 
     records = s3env.audit_records()
     trail = [(r["action"], r["result"], r["reason"]) for r in records if r["target"].get("call_id") == cid]
+    # Release and delete are on record before they act ("started"), then with their outcome.
     assert trail == [
         ("hold", "done", "threatened the agent"),
         ("delete", "refused", "cleanup"),
+        ("release", "started", "case closed"),
         ("release", "done", "case closed"),
         ("release", "not_held", "twice"),
+        ("delete", "started", "subject request"),
         ("delete", "done", "subject request"),
     ]
     done = next(r for r in records if r["action"] == "delete" and r["result"] == "done")
@@ -305,7 +309,7 @@ def test_hold_delete_release_flow_every_step_audited(s3env: Env) -> None:
     assert audit_json.exit_code == 0, audit_json.output
     assert len(json.loads(audit_json.stdout)) == len(records)
     only = invoke(s3env.env, "audit", "list", "--action", "delete", "--json")
-    assert [r["result"] for r in json.loads(only.stdout)] == ["refused", "done"]
+    assert [r["result"] for r in json.loads(only.stdout)] == ["refused", "started", "done"]
     human = invoke(s3env.env, "audit", "list")
     assert "subject request" in human.stdout and "test-admin" in human.stdout
 
@@ -318,20 +322,36 @@ def test_download_verifies_against_capture_and_refuses_tampered_audio(s3env: Env
     assert (tmp_path / f"{s['a'].call_id}.wav").read_bytes() == s["a"].audio
     exists = invoke(s3env.env, "recordings", "download", s["a"].call_id, "--reason", "again")
     assert exists.exit_code == 2 and "--force" in exists.output
-    # Tamper: replace the audio object, keeping its recorded sha256 header.
+    # Tamper: replace the audio object with a forgery whose sha256 header matches the forgery. The
+    # shipped download read the latest version; now the pinned (first) one is downloaded and the later
+    # version reported as possible tampering, with its own exit code.
+    forged = b"RIFF forged"
     info = asyncio.run(s3env.store.stat(s["b"].keys.audio))
     assert info is not None
-    asyncio.run(s3env.store.put_bytes(s["b"].keys.audio, b"RIFF forged", metadata=dict(info.metadata)))
+    asyncio.run(
+        s3env.store.put_bytes(
+            s["b"].keys.audio,
+            forged,
+            metadata={**info.metadata, "sha256": hashlib.sha256(forged).hexdigest()},
+        )
+    )
     bad = invoke(
         s3env.env, "recordings", "download", s["b"].call_id, "--reason", "complaint 43", "-o", "b.wav"
     )
-    assert bad.exit_code == 1
-    assert "INTEGRITY FAILURE" in bad.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{s['a'].call_id}.wav"]
+    assert bad.exit_code == 4, bad.output
+    assert "SUPERSEDED" in bad.output and "possible tampering" in bad.output
+    assert (tmp_path / "b.wav").read_bytes() == s["b"].audio
+    shown = invoke(s3env.env, "recordings", "show", s["b"].call_id)
+    assert shown.exit_code == 4 and "SUPERSEDED" in shown.output, shown.output
     downloads = [
         (r["target"]["call_id"], r["result"]) for r in s3env.audit_records() if r["action"] == "download"
     ]
-    assert downloads == [(s["a"].call_id, "done"), (s["b"].call_id, "integrity_failure")]
+    assert downloads == [
+        (s["a"].call_id, "started"),
+        (s["a"].call_id, "verified"),
+        (s["b"].call_id, "started"),
+        (s["b"].call_id, "superseded"),
+    ]
 
 
 @pytest.mark.integration
@@ -385,3 +405,37 @@ def test_admin_actions_go_to_mqtt_and_a_dead_broker_does_not_block(s3env: Env) -
     assert result.returncode == 0, result.stderr
     assert "events not published" in result.stderr
     assert any(r["reason"] == "broker down" for r in s3env.audit_records())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("action", ["release", "delete", "download", "export"])
+def test_no_audit_record_no_action(
+    s3env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """The audit record comes BEFORE the action, and an action whose record cannot be written is refused:
+    the shipped release lifted the holds first, and delete went ahead with a warning (exit 0)."""
+    from kasuhara_ari.audit import AuditLog
+    from kasuhara_ari.storage import StorageRefused
+
+    s = seed_set(s3env)
+    c, a = s["c"], s["a"]  # c is held
+    before = asyncio.run(all_versions(s3env.store, "recordings/"))
+
+    async def refused(self: AuditLog, record: Any) -> Any:
+        raise StorageRefused("put audit/...: refused (AccessDenied)", code="AccessDenied")
+
+    monkeypatch.setattr(AuditLog, "write", refused)
+    args = {
+        "release": ["recordings", "release", c.call_id, "--reason", "r"],
+        "delete": ["recordings", "delete", a.call_id, "--reason", "r", "--yes"],
+        "download": ["recordings", "download", a.call_id, "--reason", "r", "-o", "x.wav"],
+        "export": ["recordings", "export", "--call", a.call_id, "--reason", "r", "-o", "x.zip"],
+    }[action]
+    result = invoke(s3env.env, *args)
+    assert result.exit_code != 0, result.output
+    assert "audit record could not be written" in result.output
+    # Nothing happened: every version is still there, the held call is still held, nothing handed out.
+    assert asyncio.run(all_versions(s3env.store, "recordings/")) == before
+    assert asyncio.run(s3env.store.legal_hold(c.keys.audio)) is True
+    assert asyncio.run(s3env.store.stat(c.keys.hold)) is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

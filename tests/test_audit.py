@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import uuid
@@ -37,12 +38,14 @@ async def test_record_is_stored_and_emitted() -> None:
         details={"counts": {"recordings": 50}, "zip_sha256": "ab" * 32},
         at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
     )
-    await log.write(record)
+    written = await log.write(record)
     assert record.key == f"audit/2025/01/02/20250102T030405.000Z-{record.id}.json"
     data = await store.get_bytes(record.key)
     assert data is not None
     back = AuditRecord.from_json(data, record.key)
-    assert back == record
+    assert back == written  # as stored: with its link in the writer's hash chain
+    assert back.chain is not None and back.chain["seq"] == 1 and back.chain["prev_sha256"] is None
+    assert dataclasses.replace(back, chain=None) == record
     assert back.reason == "court order\\x00\\x0a\\u202eevil"  # control characters never reach a reader raw
     [event] = events.events
     validate_event(event)

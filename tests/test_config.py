@@ -101,3 +101,29 @@ def test_secrets_never_in_repr_or_redacted(tmp_path: Path) -> None:
     for secret in ("pw-ari-123", "pw-ami-456", "pw-s3-789"):
         assert secret not in shown
     assert cfg.redacted()["ari"]["password"] == "(set)"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "names"),
+    [
+        ("[agi]\nmax_sessions_per_peer = 0\n", {}, "agi.max_sessions_per_peer"),
+        ("", {"KASUHARA_AGI__MAX_SESSIONS_PER_PEER": "-3"}, "agi.max_sessions_per_peer"),
+        ("[agi]\nmax_env_bytes = 10\n", {}, "agi.max_env_bytes"),
+        ("[agi]\nmax_env_bytes = 'big'\n", {}, "agi.max_env_bytes"),
+        ("[agi]\nallowed_peers = ['10.0.0.0/33']\n", {}, "agi.allowed_peers"),
+        ("[agi]\nallowed_peers = '127.0.0.1'\n", {}, "agi.allowed_peers"),
+        ("", {"KASUHARA_AGI__ALLOWED_PEERS": "127.0.0.1,asterisk.example"}, "agi.allowed_peers"),
+        ("[agi]\nenv_timeout_s = 0\n", {}, "agi.env_timeout_s"),
+    ],
+)
+def test_agi_trust_keys_are_checked(tmp_path: Path, text: str, env: dict[str, str], names: str) -> None:
+    """``kasuhara agi``'s per-peer limit, environment size and allow-list: a bad value names its key."""
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env=env)
+    assert names in str(info.value)
+
+
+def test_agi_trust_keys_defaults_and_env_list(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, ""), env={"KASUHARA_AGI__ALLOWED_PEERS": "127.0.0.1, 10.1.0.0/16,::1"})
+    assert cfg.agi.allowed_peers == ("127.0.0.1", "10.1.0.0/16", "::1")
+    assert (cfg.agi.max_sessions_per_peer, cfg.agi.max_env_bytes) == (20, 16384)

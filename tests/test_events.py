@@ -379,6 +379,8 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "long_call": {"duration_s": 1800.0},
         "repeat_caller": {"count": 4},
         "recording_failed": {"error": "AMI not connected"},
+        "metadata_quarantined": {"reason": "nested too deeply", "quarantined": "quarantine/x", "held": False},
+        "hold_incomplete": {"reason": "legal_hold_refused", "keys": ["recordings/x.wav"], "record": True},
     }
     out: list[tuple[str, str | None, dict[str, Any]]] = [
         (event, call_id, fields.get(event, {})) for event in CALL_EVENTS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -148,10 +149,21 @@ def test_export_zip_verifies_with_sha256sum(s3env: Env, tmp_path: Path) -> None:
     stored = asyncio.run(s3env.store.get_bytes(big.keys.metadata))
     assert (root / big.call_id / "metadata.json").read_bytes() == stored
 
-    [record] = s3env.audit("export")
-    assert record["result"] == "done" and record["reason"] == "police request 7"
+    started, record = s3env.audit("export")
+    assert started["result"] == "started" and record["result"] == "done"
+    assert record["reason"] == "police request 7"
     assert sorted(record["target"]["call_ids"]) == sorted(r["call_id"] for r in manifest["recordings"])
     assert record["details"]["zip_sha256"] in result.stdout
+    # The manifest names the export's own audit record (written before anything was read) and, per
+    # object, the version exported, how it was verified, its legal hold and LastModified.
+    assert manifest["audit_key"] == record["details"]["started_record"]
+    assert manifest["audit_key"].endswith(f"-{started['id']}.json")
+    assert manifest["summary"] == {"verification": {"verified": 5}, "superseded": 0}
+    for part in ("audio", "metadata"):
+        obj = entry[part]
+        assert obj["verification"] == "verified" and obj["version_id"] and obj["superseded_by"] == []
+        assert obj["legal_hold"] is False and obj["last_modified"]
+    assert entry["hold_record"] is None
 
     # The check is real: change one byte of an exported file and sha256sum -c fails.
     audio = root / big.call_id / "audio.wav"
@@ -182,37 +194,114 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def test_tampered_audio_fails_the_export_and_leaves_nothing(s3env: Env, tmp_path: Path) -> None:
+def test_a_swapped_recording_exports_the_pinned_version_as_superseded(s3env: Env, tmp_path: Path) -> None:
+    """A held call whose audio AND metadata are replaced by consistent forgeries (new bytes, matching
+    sha256 headers, metadata naming the new hash): the shipped export read the latest versions and
+    passed them as verified. Now the pinned versions are exported and the export says superseded (4)."""
+    from recordings_seed import hold
+
     small = s3env.calls["small"]
-    info = asyncio.run(s3env.store.stat(small.keys.audio))
-    assert info is not None and small.audio is not None
+    assert small.audio is not None
+    asyncio.run(hold(s3env.store, small))
     forged = bytearray(small.audio)
     forged[-1] ^= 0x01
-    # An attacker who rewrites the audio and copies its recorded sha256 header: same size, same header.
-    asyncio.run(s3env.store.put_bytes(small.keys.audio, bytes(forged), metadata=dict(info.metadata)))
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    result = s3env.export(out_dir / "evidence.zip", "--from", "2025-03-10", "--to", "2025-03-10")
-    assert result.exit_code == 1
-    assert "INTEGRITY FAILURE" in result.output and small.call_id in result.output
-    assert _leftovers(out_dir) == []
-    [record] = s3env.audit("export")
-    assert record["result"] == "integrity_failure" and record["details"]["call_id"] == small.call_id
-
-
-def test_tampered_metadata_fails_the_export(s3env: Env, tmp_path: Path) -> None:
-    big = s3env.calls["big"]
-    info = asyncio.run(s3env.store.stat(big.keys.metadata))
-    data = asyncio.run(s3env.store.get_bytes(big.keys.metadata))
-    assert info is not None and data is not None
-    doc = json.loads(data)
-    doc["caller"]["number"] = "0000000000"
+    forged_sha = hashlib.sha256(forged).hexdigest()
+    info = asyncio.run(s3env.store.stat(small.keys.audio))
+    assert info is not None
     asyncio.run(
-        s3env.store.put_bytes(big.keys.metadata, json.dumps(doc).encode(), metadata=dict(info.metadata))
+        s3env.store.put_bytes(
+            small.keys.audio, bytes(forged), metadata={**info.metadata, "sha256": forged_sha}
+        )
     )
+    doc = json.loads(asyncio.run(s3env.store.get_bytes(small.keys.metadata)) or b"{}")
+    doc["audio"]["sha256"] = forged_sha
+    doc["audio"].pop("version_id", None)
+    meta = json.dumps(doc).encode()
+    meta_info = asyncio.run(s3env.store.stat(small.keys.metadata))
+    assert meta_info is not None
+    asyncio.run(
+        s3env.store.put_bytes(
+            small.keys.metadata,
+            meta,
+            metadata={
+                **meta_info.metadata,
+                "sha256": hashlib.sha256(meta).hexdigest(),
+                "audio-sha256": forged_sha,
+            },
+        )
+    )
+    out = tmp_path / "e.zip"
+    result = s3env.export(out, "--call", small.call_id)
+    assert result.exit_code == 4, result.output
+    assert "SUPERSEDED" in result.output and "possible tampering" in result.output
+    root = unpack(out, tmp_path / "x")
+    assert sha256sum_check(root).returncode == 0
+    assert (root / small.call_id / "audio.wav").read_bytes() == small.audio  # the original
+    manifest = json.loads((root / "manifest.json").read_text())
+    [entry] = manifest["recordings"]
+    hold_record = entry["hold_record"]
+    assert hold_record is not None and hold_record["reason"] == "threats"
+    for part in ("audio", "metadata"):
+        obj = entry[part]
+        assert obj["verification"] == "verified"
+        assert obj["version_id"] == hold_record["versions"][obj["key"]]
+        assert obj["legal_hold"] is True
+        assert len(obj["superseded_by"]) == 1
+    assert entry["superseded"] is True
+    assert [r["result"] for r in s3env.audit("export")] == ["started", "superseded"]
+
+
+async def _raw_recording(
+    store: MinioStore, cid: str, audio: bytes, *, audio_header: str | None, in_metadata: str | None
+) -> None:
+    """A recording written by hand: the capture hashes are whatever the test says (or absent)."""
+    from uploader_helpers import metadata
+
+    from kasuhara_ari.storage import recording_keys
+    from kasuhara_ari.uploader import AudioResult, encode_metadata, final_metadata
+
+    keys = recording_keys(cid, T0)
+    await store.put_bytes(keys.audio, audio, metadata={"sha256": audio_header} if audio_header else {})
+    doc = metadata(cid, started_at=T0.isoformat(), caller={"number": "0312345678", "name": None})
+    final = final_metadata(doc, keys, AudioResult("stored", keys.audio, len(audio), in_metadata), None)
+    data = encode_metadata(final)
+    header = {"sha256": hashlib.sha256(data).hexdigest()} if in_metadata else {}
+    await store.put_bytes(keys.metadata, data, metadata=header)
+
+
+def test_missing_capture_hash_is_unverifiable_not_an_integrity_failure(s3env: Env, tmp_path: Path) -> None:
+    """No sha256 recorded at capture is missing provenance, not tampering: the export is written, the
+    manifest says 'unverifiable', the exit code is 5 (the shipped code refused it as INTEGRITY FAILURE)."""
+    cid = "1741566000.8"
+    asyncio.run(_raw_recording(s3env.store, cid, b"RIFF old audio", audio_header=None, in_metadata=None))
+    out = tmp_path / "e.zip"
+    result = s3env.export(out, "--call", cid)
+    assert result.exit_code == 5, result.output
+    assert "UNVERIFIABLE" in result.output and "INTEGRITY FAILURE" not in result.output
+    root = unpack(out, tmp_path / "x")
+    assert sha256sum_check(root).returncode == 0
+    [entry] = json.loads((root / "manifest.json").read_text())["recordings"]
+    assert (entry["audio"]["verification"], entry["metadata"]["verification"]) == (
+        "unverifiable",
+        "unverifiable",
+    )
+
+
+def test_a_hash_mismatch_fails_the_export_and_says_which_file(s3env: Env, tmp_path: Path) -> None:
+    """Bytes that do not match the hash recorded at capture: INTEGRITY FAILURE, exit 1; the zip records
+    the file as 'mismatch' (and which one), so the failure itself is evidence."""
+    cid = "1741566000.9"
+    audio = b"RIFF audio as stored"
+    sha = hashlib.sha256(audio).hexdigest()
+    asyncio.run(_raw_recording(s3env.store, cid, audio, audio_header="0" * 64, in_metadata=sha))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    result = s3env.export(out_dir / "e.zip", "--call", big.call_id)
-    assert result.exit_code == 1
-    assert "INTEGRITY FAILURE" in result.output and "metadata" in result.output
-    assert _leftovers(out_dir) == []
+    result = s3env.export(out_dir / "e.zip", "--call", cid)
+    assert result.exit_code == 1, result.output
+    assert "INTEGRITY FAILURE" in result.output
+    root = unpack(out_dir / "e.zip", tmp_path / "x")
+    [entry] = json.loads((root / "manifest.json").read_text())["recordings"]
+    assert entry["audio"]["verification"] == "mismatch"
+    assert entry["audio"]["recorded_sha256"] == {"metadata": sha, "object": "0" * 64}
+    assert entry["metadata"]["verification"] == "verified"
+    assert [r["result"] for r in s3env.audit("export")] == ["started", "integrity_failure"]

@@ -56,6 +56,7 @@ def _minimal(event: str) -> dict[str, Any]:
         "duration_s": 12.5,
         "count": 3,
         "error": "AMI not connected",
+        "reason": "bad.json: nested deeper than 64 levels",
     }
     fields = {name: values[name] for name in CALL_EVENTS[event]}
     if event == "recording_stored":

@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -177,9 +178,12 @@ def test_policy_documents_match_the_shipped_files() -> None:
 
 
 def _actions(doc: dict[str, object]) -> dict[str, set[str]]:
-    """action -> resources"""
+    """action -> resources it is allowed on (the Deny statements are checked on a real server:
+    tests/test_policies_enforced.py)"""
     out: dict[str, set[str]] = {}
     for st in doc["Statement"]:  # type: ignore[attr-defined]
+        if st["Effect"] != "Allow":
+            continue
         for action in st["Action"]:
             out.setdefault(action, set()).update(st["Resource"])
     return out
@@ -191,13 +195,19 @@ def test_policies_give_each_role_only_its_powers() -> None:
     assert not any("Delete" in a for a in service), "the call service must never delete"
     assert "s3:PutObjectLegalHold" in service
     assert "s3:PutObjectLegalHold" not in retention, "retention must not lift holds"
-    assert retention["s3:DeleteObjectVersion"] == {"arn:aws:s3:::b1/recordings/*"}
-    assert retention["s3:PutObject"] == {"arn:aws:s3:::b1/audit/*", "arn:aws:s3:::b1/retention/*"}
+    # The bucket ARN: Ceph RGW checks a multi-object delete against it (objects stay guarded by the Deny).
+    assert retention["s3:DeleteObjectVersion"] == {"arn:aws:s3:::b1", "arn:aws:s3:::b1/recordings/*"}
+    assert retention["s3:PutObject"] == {
+        "arn:aws:s3:::b1/audit/*",
+        "arn:aws:s3:::b1/audit-chains/*",
+        "arn:aws:s3:::b1/retention/*",
+    }
     assert service["s3:GetObject"] >= {"arn:aws:s3:::b1/callers/*"}, "serve reads the caller list"
     assert "arn:aws:s3:::b1/callers/*" in admin["s3:PutObject"], "admins manage the caller list"
     assert not any("callers" in r for r in service["s3:PutObject"]), "serve must not change the caller list"
     assert not any(r.startswith("arn:aws:s3:::b1/audit") for r in admin["s3:DeleteObjectVersion"])
-    assert "s3:BypassGovernanceRetention" not in admin
+    assert "s3:BypassGovernanceRetention" in admin, "admin alone may delete before the lock expires"
+    assert "s3:BypassGovernanceRetention" not in service and "s3:BypassGovernanceRetention" not in retention
     for doc in docs.values():
         for st in doc["Statement"]:
             assert all(r.startswith("arn:aws:s3:::b1") for r in st["Resource"])
@@ -428,3 +438,283 @@ async def test_unreachable_server_is_storage_unavailable() -> None:
     finally:
         store.close()
         proxy.close()
+
+
+# ---------------------------------------------------------------------------------------------- versions
+
+
+async def test_conditional_create_refuses_a_second_writer(store: ObjectStore, tmp_path: Path) -> None:
+    """A recording key is created once: the second writer fails and the first version stays the only one
+    (without the condition a second PUT silently became the latest version of held evidence)."""
+    from kasuhara_ari.storage import PreconditionFailed, key_versions
+
+    key = "recordings/2025/01/01/dup.wav"
+    first, sha1 = _file(tmp_path, b"first" * 1000, "1.wav")
+    second, sha2 = _file(tmp_path, b"second" * 1000, "2.wav")
+    put = await store.put_file(
+        key, first, length=5000, sha256=sha1, metadata={"sha256": sha1}, if_none_match=True
+    )
+    assert put.version_id
+    with pytest.raises(PreconditionFailed):
+        await store.put_file(
+            key, second, length=6000, sha256=sha2, metadata={"sha256": sha2}, if_none_match=True
+        )
+    versions = await key_versions(store, key)
+    assert [v.version_id for v in versions] == [put.version_id]
+    info = await store.stat(key)
+    assert info is not None and info.metadata["sha256"] == sha1
+
+
+async def test_reads_by_version_id(store: ObjectStore, tmp_path: Path) -> None:
+    """Evidence readers name the version: a later version of the key does not change what they get."""
+    key = "recordings/2025/01/01/v.json"
+    v1 = await store.put_bytes(key, b"original", metadata={"sha256": "a"})
+    v2 = await store.put_bytes(key, b"replacement", metadata={"sha256": "b"})
+    assert v1.version_id and v2.version_id and v1.version_id != v2.version_id
+    assert await store.get_bytes(key) == b"replacement"
+    assert await store.get_bytes(key, version_id=v1.version_id) == b"original"
+    info = await store.stat(key, version_id=v1.version_id)
+    assert info is not None and info.version_id == v1.version_id and info.metadata["sha256"] == "a"
+    got = await store.get_to_file(key, tmp_path / "o", version_id=v1.version_id)
+    assert (tmp_path / "o").read_bytes() == b"original"
+    assert got.version_id == v1.version_id and got.last_modified is not None
+
+
+@pytest.mark.integration
+async def test_conditional_create_multipart(tmp_path: Path) -> None:
+    """Above one part the condition rides on CompleteMultipartUpload; the loser leaves no version."""
+    from kasuhara_ari.storage import PreconditionFailed, key_versions
+
+    target = require_s3()
+    bucket = unique_bucket("kt-mp")
+    real = open_store(target, bucket, read_timeout_s=30.0, part_size=5 * 1024 * 1024)
+    create_bucket(real)
+    try:
+        data = os.urandom(5 * 1024 * 1024 + 1000)
+        path, sha = _file(tmp_path, data)
+        key = "recordings/2025/01/01/big.wav"
+        put = await real.put_file(
+            key, path, length=len(data), sha256=sha, metadata={"sha256": sha}, if_none_match=True
+        )
+        with pytest.raises(PreconditionFailed):
+            await real.put_file(
+                key, path, length=len(data), sha256=sha, metadata={"sha256": sha}, if_none_match=True
+            )
+        assert [v.version_id for v in await key_versions(real, key)] == [put.version_id]
+        await real.get_to_file(key, tmp_path / "back.wav", version_id=put.version_id)
+        assert (tmp_path / "back.wav").read_bytes() == data
+    finally:
+        real.close()
+        destroy_bucket(target, bucket)
+
+
+def test_conditional_create_header_on_the_wire(tmp_path: Path) -> None:
+    """What really goes over the socket: ``If-None-Match: *`` as a header, not ``X-Amz-Meta-*``.
+
+    minio-py's public put_object() rewrites unknown headers into user metadata (shown here too), so a
+    condition passed that way would never reach the server.
+    """
+    import asyncio
+    import http.server
+    import threading
+
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("ETag", '"0123"')
+            self.send_header("x-amz-version-id", "v1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = MinioStore(
+        endpoint=f"127.0.0.1:{server.server_address[1]}",
+        access_key="k",
+        secret_key="s",
+        bucket="wire-check",
+        connect_retries=0,
+    )
+    try:
+        path, sha = _file(tmp_path, b"audio" * 100)
+        result = asyncio.run(
+            store.put_file(
+                "recordings/x.wav", path, length=500, sha256=sha, metadata={"sha256": sha}, if_none_match=True
+            )
+        )
+        assert result.version_id == "v1"
+        asyncio.run(store.put_bytes_if("holds/x.json", b"{}", metadata={}, if_none_match=True))
+        store.client.put_object("wire-check", "naive", io.BytesIO(b"x"), 1, metadata={"If-None-Match": "*"})
+    finally:
+        store.close()
+        server.shutdown()
+    conditional, hold, naive = seen
+    for headers in (conditional, hold):
+        assert headers.get("if-none-match") == "*"
+        assert "x-amz-meta-if-none-match" not in headers
+    assert conditional["x-amz-meta-sha256"] == sha
+    # The trap the README warns about: the public API sent the condition as user metadata.
+    assert "if-none-match" not in naive
+    assert naive.get("x-amz-meta-if-none-match") == "*"
+
+
+def test_legal_hold_header_on_the_wire(tmp_path: Path) -> None:
+    """A flagged call's objects are created under their legal hold: ``x-amz-object-lock-legal-hold: ON``
+    is a real header of the creating PUT (conditional create, plain put, small conditional write), never
+    ``X-Amz-Meta-*``; without ``legal_hold`` it is not sent at all."""
+    import asyncio
+    import http.server
+    import threading
+
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("ETag", '"0123"')
+            self.send_header("x-amz-version-id", "v1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = MinioStore(
+        endpoint=f"127.0.0.1:{server.server_address[1]}",
+        access_key="k",
+        secret_key="s",
+        bucket="wire-check",
+        connect_retries=0,
+    )
+    try:
+        path, sha = _file(tmp_path, b"audio" * 100)
+        for conditional in (True, False):
+            asyncio.run(
+                store.put_file(
+                    "recordings/x.wav",
+                    path,
+                    length=500,
+                    sha256=sha,
+                    metadata={"sha256": sha},
+                    if_none_match=conditional,
+                    legal_hold=True,
+                )
+            )
+        asyncio.run(
+            store.put_bytes_if("recordings/x.json", b"{}", metadata={}, if_none_match=True, legal_hold=True)
+        )
+        asyncio.run(store.put_bytes_if("holds/x.json", b"{}", metadata={}, if_none_match=True))
+    finally:
+        store.close()
+        server.shutdown()
+    *held, plain = seen
+    assert len(held) == 3
+    for headers in held:
+        assert headers.get("x-amz-object-lock-legal-hold") == "ON"
+        assert not any("legal-hold" in name for name in headers if name.startswith("x-amz-meta-"))
+    assert "x-amz-object-lock-legal-hold" not in plain
+
+
+async def test_a_hold_pins_the_evidence_version_not_a_later_one(store: ObjectStore) -> None:
+    """A later PUT to a key is not the evidence: the hold pins the version the metadata names (audio)
+    and the first version (metadata), and holds exactly those."""
+    from kasuhara_ari.storage import pin_versions
+
+    keys = recording_keys("pin1", "2025-02-03T04:05:06+00:00")
+    original = await store.put_bytes(keys.audio, b"original audio", metadata={})
+    doc = {"call_id": "pin1", "audio": {"key": keys.audio, "version_id": original.version_id}}
+    meta = await store.put_bytes(keys.metadata, json.dumps(doc).encode(), metadata={})
+    forged = await store.put_bytes(keys.audio, b"forged audio", metadata={})
+    record = HoldRecord.create("pin1", "threats", "admin", at="2025-02-03T05:00:00+00:00")
+    holds = RecordingHolds(store)
+    outcome = await holds.apply(record, keys)
+    assert outcome.pinned == {keys.audio: original.version_id, keys.metadata: meta.version_id}
+    assert outcome.lost == ()
+    assert await store.legal_hold(keys.audio, version_id=original.version_id) is True
+    assert await store.legal_hold(keys.audio, version_id=forged.version_id) is False
+    assert await holds.verify(outcome.pinned) == []
+    stored = await holds.record("pin1")
+    assert stored is not None and dict(stored.versions) == outcome.pinned
+    pins = await pin_versions(store, keys, stored.versions)
+    assert pins.audio.superseded and [v.version_id for v in pins.audio.later] == [forged.version_id]
+    assert not pins.metadata.superseded
+    # Released: every legal hold it placed is lifted (the pinned one and the latest).
+    await holds.release(keys)
+    assert await store.legal_hold(keys.audio, version_id=original.version_id) is False
+
+
+async def test_a_hold_that_comes_after_the_audio_was_deleted_says_so(store: ObjectStore) -> None:
+    """The metadata names audio of which no version is left (a sweep deleted it first): the hold record
+    is still written, but the outcome names the loss instead of reporting the call as held."""
+    keys = recording_keys("lost1", "2025-02-03T04:05:06+00:00")
+    audio = await store.put_bytes(keys.audio, b"audio", metadata={})
+    doc = {"call_id": "lost1", "audio": {"key": keys.audio, "version_id": audio.version_id}}
+    await store.put_bytes(keys.metadata, json.dumps(doc).encode(), metadata={})
+    assert await store.delete_versions([ObjectRef(keys.audio, audio.version_id)]) == []
+    record = HoldRecord.create("lost1", "threats", "admin", at="2025-02-03T05:00:00+00:00")
+    outcome = await RecordingHolds(store).apply(record, keys)
+    assert outcome.lost == (keys.audio,)
+    assert outcome.held_keys == (keys.metadata,)
+    assert await store.stat(keys.hold) is not None
+
+
+async def test_the_guard_reports_deletions_a_concurrent_hold_came_too_late_for() -> None:
+    """A hold record that lands while a batch is being deleted: what the batch deleted of that call comes
+    back as ``raced`` (reported), not silently as deleted-and-fine."""
+
+    class HoldLandsMidBatch(MemoryStore):
+        async def delete_versions(self, refs: Any, *, bypass_governance: bool = False) -> Any:
+            await self.put_bytes(hold_key("race1"), b"{}", metadata={})
+            return await super().delete_versions(refs, bypass_governance=bypass_governance)
+
+    store = HoldLandsMidBatch()
+    keys = recording_keys("race1", "2025-02-03T04:05:06+00:00")
+    v = await store.put_bytes(keys.audio, b"audio", metadata={})
+    outcome = await DeletionGuard(store, check_legal_hold=False).delete([ObjectRef(keys.audio, v.version_id)])
+    assert outcome.deleted == (ObjectRef(keys.audio, v.version_id),)
+    assert outcome.raced == (ObjectRef(keys.audio, v.version_id),)
+
+
+async def test_hold_record_completes_where_if_match_is_always_refused_but_never_over_a_change() -> None:
+    """RGW 16 refuses every If-Match on a versioned bucket. A refused replace whose record is unchanged
+    is written plainly (before the fix: 'the hold record keeps changing', forever); one whose record
+    really changed meanwhile is read again, so the other writer's record is not overwritten by a stale
+    copy."""
+    from kasuhara_ari.storage import PreconditionFailed
+
+    keys = recording_keys("ifm1", "2025-02-03T04:05:06+00:00")
+
+    class RefusesIfMatch(MemoryStore):
+        interloper: HoldRecord | None = None
+
+        async def put_bytes_if(self, key: str, data: bytes, **kw: Any) -> Any:
+            if kw.get("if_match") is None:
+                return await super().put_bytes_if(key, data, **kw)
+            if self.interloper is not None:  # another writer lands just before our replace
+                await self.put_bytes(key, self.interloper.to_json(), metadata={})
+                self.interloper = None
+            raise PreconditionFailed(f"put {key}: PreconditionFailed", code="PreconditionFailed")
+
+    store = RefusesIfMatch()
+    audio = await store.put_bytes(keys.audio, b"RIFF", metadata={})
+    meta = await store.put_bytes(keys.metadata, b'{"audio": {"key": "x"}}', metadata={})
+    first = HoldRecord.create("ifm1", "first", "agent", at="2025-02-03T04:06:00.000+00:00")
+    await RecordingHolds(store).apply(first, keys, resolve=False)
+    store.interloper = HoldRecord.create("ifm1", "other writer", "admin", at="2025-02-03T04:07:00.000+00:00")
+    outcome = await RecordingHolds(store).apply(first, keys, versions={keys.audio: audio.version_id or ""})
+    assert set(outcome.held_keys) == {keys.audio, keys.metadata}
+    record = HoldRecord.from_json(store.objects[keys.hold][-1].data or b"")
+    assert record.reason == "other writer", "the concurrent record was re-read, not overwritten"
+    assert dict(record.versions) == {keys.audio: audio.version_id, keys.metadata: meta.version_id}

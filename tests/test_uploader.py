@@ -31,6 +31,8 @@ from kasuhara_ari.storage import (
     HoldRecord,
     MemoryStore,
     ObjectRef,
+    PreconditionFailed,
+    StorageRefused,
     recording_keys,
 )
 from kasuhara_ari.uploader import (
@@ -117,6 +119,7 @@ def test_final_metadata_fills_audio_and_cleans_caller() -> None:
         "key": keys.audio,
         "bytes": 10,
         "sha256": "a" * 64,
+        "version_id": None,
         "status": "stored",
         "incomplete": False,
     }
@@ -244,7 +247,7 @@ async def test_a_new_recording_costs_two_requests(tmp_path: Path) -> None:
     store = MemoryStore()
     await arrive_while_running(tmp_path, make_uploader(tmp_path, store), {"new-1": wav_bytes(5000)})
     keys = recording_keys("new-1", STARTED)
-    assert store.calls == [("put_file", keys.audio), ("put_bytes", keys.metadata)]
+    assert store.calls == [("put_file", keys.audio), ("put_bytes_if", keys.metadata)]
     assert store.objects[keys.audio][-1].data == wav_bytes(5000)
     assert spool_names(tmp_path) == []
 
@@ -302,7 +305,7 @@ async def test_a_recording_left_from_before_is_looked_up_first(tmp_path: Path) -
 
 async def test_a_failed_new_upload_looks_before_writing_again(tmp_path: Path) -> None:
     store = MemoryStore()
-    store.fail_next = {"put_bytes": 1}  # the audio is stored, the metadata put fails once
+    store.fail_next = {"put_bytes_if": 1}  # the audio is stored, the metadata put fails once
     await arrive_while_running(tmp_path, make_uploader(tmp_path, store), {"new-2": wav_bytes(5000)})
     keys = recording_keys("new-2", STARTED)
     assert store.version_count(keys.audio) == 1  # the retry found it and did not upload it again
@@ -322,21 +325,22 @@ async def test_without_a_matching_etag_the_object_is_read_back(tmp_path: Path, e
     assert store.calls == [
         ("put_file", keys.audio),
         ("stat", keys.audio),
-        ("put_bytes", keys.metadata),
+        ("put_bytes_if", keys.metadata),
         ("stat", keys.metadata),
     ]
     assert spool_names(tmp_path) == []
 
 
 async def test_an_object_that_does_not_match_is_never_trusted(tmp_path: Path, monkeypatch: Any) -> None:
-    """Wrong ETag and the read-back disagrees too: VerifyError, retried, local files kept meanwhile."""
+    """Wrong ETag and the read-back disagrees too: VerifyError, retried, local files kept meanwhile; the
+    object there is never replaced (a second version would hide the first)."""
     store = MemoryStore()
     store.wrong_etags = True
     real_stat = store.stat
     lies = {"left": 2}
 
-    async def lying_stat(key: str) -> Any:
-        info = await real_stat(key)
+    async def lying_stat(key: str, *, version_id: str | None = None) -> Any:
+        info = await real_stat(key, version_id=version_id)
         if info is not None and key.endswith(".wav") and lies["left"]:
             lies["left"] -= 1
             return replace(info, size=info.size - 1)
@@ -346,9 +350,9 @@ async def test_an_object_that_does_not_match_is_never_trusted(tmp_path: Path, mo
     uploader = make_uploader(tmp_path, store)
     await arrive_while_running(tmp_path, uploader, {"new-4": wav_bytes(5000)})
     keys = recording_keys("new-4", STARTED)
-    assert uploader.stats.failures == 1  # the first verification failed ...
-    # ... the retry looked (the object still disagreed), uploaded again, and verified by reading back.
-    assert store.version_count(keys.audio) == 2
+    assert uploader.stats.failures == 2  # the first verification failed ...
+    # ... the retry looked (the object still disagreed: refused to replace it), the next one found it.
+    assert store.version_count(keys.audio) == 1
     assert store.version_count(keys.metadata) == 1
     assert spool_names(tmp_path) == []
 
@@ -646,24 +650,21 @@ async def test_orphan_audio_is_adopted(tmp_path: Path) -> None:
     assert store.objects[meta_key][-1].metadata["orphaned"] == "yes"
 
 
-async def test_invalid_metadata_stays_and_is_counted(tmp_path: Path) -> None:
+async def test_invalid_metadata_is_counted_then_quarantined_and_the_audio_uploaded(tmp_path: Path) -> None:
+    """Issue 12: unusable metadata no longer leaves the audio in the spool forever (it used to stay)."""
     store = MemoryStore()
     put_recording(tmp_path, "bad", audio=wav_bytes(100), meta=metadata("bad", started_at="no time"))
     put_recording(tmp_path, "good", audio=wav_bytes(100))
-    uploader = make_uploader(tmp_path, store)
-    task = asyncio.create_task(uploader.run())
-    try:
-        for _ in range(100):
-            if not (tmp_path / "good.json").exists():
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert spool_names(tmp_path) == ["bad.done", "bad.json", "bad.wav"]
     status = spool_status(Spool(tmp_path))
-    assert (status.recordings, status.invalid, status.ready) == (1, 1, 0)
+    assert (status.recordings, status.invalid, status.ready) == (2, 1, 1)
+    await run_until_empty(make_uploader(tmp_path, store))
+    assert spool_names(tmp_path) == ["quarantine"]
+    [kept] = (tmp_path / "quarantine").iterdir()
+    assert json.loads(kept.read_text())["started_at"] == "no time"
+    [bad_meta] = [k for k in store.objects if k.endswith("/bad.json")]
+    doc = json.loads(store.objects[bad_meta][-1].data or b"")
+    assert doc["orphaned"] is True and "started_at" in doc["metadata_invalid"]["reason"]
+    assert [k for k in store.objects if k.endswith("/bad.wav")]
 
 
 async def test_notify_ignores_unsafe_ids(tmp_path: Path) -> None:
@@ -728,3 +729,103 @@ def test_events_match_the_event_schema(tmp_path: Path) -> None:
     assert len(events.events) == 2
     for ev in events.events:
         validate_event({"schema": "kasuhara.event/1", **ev})
+
+
+class RgwLikeStore(MemoryStore):
+    """What Ceph RGW 16 does to the service key (README *Roles enforced by the server*): PutObjectLegalHold
+    refused, every ``If-Match`` refused on a versioned bucket even when it matches, ``If-None-Match``
+    ignored; a legal hold sent with the creating PUT is honoured."""
+
+    async def set_legal_hold(self, key: str, on: bool, *, version_id: str | None = None) -> None:
+        self._enter("set_legal_hold", key)
+        raise StorageRefused(f"legal hold {key}: refused (AccessDenied)", code="AccessDenied")
+
+    async def put_bytes_if(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        metadata: Any,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+        content_type: str = "application/json",
+        legal_hold: bool = False,
+    ) -> Any:
+        if if_match is not None:
+            self._enter("put_bytes_if", key)
+            raise PreconditionFailed(f"put {key}: PreconditionFailed", code="PreconditionFailed")
+        return await super().put_bytes_if(
+            key, data, metadata=metadata, content_type=content_type, legal_hold=legal_hold
+        )
+
+
+async def test_flagged_call_is_held_by_its_creating_puts_where_the_hold_api_is_refused(
+    tmp_path: Path,
+) -> None:
+    """On RGW the service may not call PutObjectLegalHold nor replace with If-Match: the flagged call still
+    leaves the spool, its objects created under the legal hold, its hold record pinning both versions
+    (failed before the fix: the record write looped on 'the hold record keeps changing')."""
+    store, events = RgwLikeStore(), MemoryEvents()
+    hold = {"reason": "harassment", "by": "agent", "at": "2025-01-01T18:05:00.000+00:00"}
+    put_recording(
+        tmp_path, "rg1", audio=wav_bytes(100), meta=metadata("rg1", flags=["harassment"], hold=hold)
+    )
+    uploader = make_uploader(tmp_path, store, events)
+    await run_until_empty(uploader, timeout=5)
+    keys = recording_keys("rg1", STARTED)
+    assert store.objects[keys.audio][-1].legal_hold and store.objects[keys.metadata][-1].legal_hold
+    record = HoldRecord.from_json(store.objects[keys.hold][-1].data or b"")
+    assert dict(record.versions) == {
+        keys.audio: store.objects[keys.audio][0].version_id,
+        keys.metadata: store.objects[keys.metadata][0].version_id,
+    }
+    assert ("set_legal_hold", keys.audio) not in store.calls
+    assert uploader.stats.holds_applied == 1 and uploader.stats.holds_need_admin == 0
+    assert [e["event"] for e in events.of("rg1")] == ["recording_stored"]
+    assert spool_names(tmp_path) == []
+
+
+async def test_a_late_hold_the_key_may_not_place_keeps_its_record_and_says_so(tmp_path: Path) -> None:
+    """A hold asked after the audio was stored without one (RGW, service key): the hold record stays
+    (the deletion guard honours it), the refusal is logged and emitted, never counted as applied."""
+    from kasuhara_ari.schemas import validate_event
+
+    store, events = RgwLikeStore(), MemoryEvents()
+    put_recording(tmp_path, "late1", audio=wav_bytes(100))
+    uploader = make_uploader(tmp_path, store, events)
+    await run_until_empty(uploader, timeout=5)
+    await uploader.hold("late1", "complaint", "supervisor", started_at=STARTED)
+    await run_until_empty(uploader, timeout=5)
+    keys = recording_keys("late1", STARTED)
+    assert keys.hold in store.objects
+    assert not store.objects[keys.audio][-1].legal_hold
+    assert uploader.stats.holds_need_admin == 1 and uploader.stats.holds_applied == 0
+    late = [e for e in events.of("late1") if e["event"] == "hold_incomplete"]
+    assert len(late) == 1 and late[0]["reason"] == "legal_hold_refused"
+    assert set(late[0]["keys"]) == {keys.audio, keys.metadata}
+    validate_event({"schema": "kasuhara.event/1", **late[0]})
+    assert await DeletionGuard(store).why_not("late1") == "hold record"
+    assert spool_names(tmp_path) == []
+
+
+async def test_a_marker_hold_that_lost_its_audio_is_reported_not_applied(tmp_path: Path) -> None:
+    """``HoldOutcome.lost`` from a hold placed after a sweep deleted the audio: an error event and
+    ``holds_lost``, never ``holds_applied`` (failed before the fix: counted as applied, nothing said)."""
+    from kasuhara_ari.schemas import validate_event
+
+    store, events = MemoryStore(), MemoryEvents()
+    put_recording(tmp_path, "gone1", audio=wav_bytes(100))
+    uploader = make_uploader(tmp_path, store, events)
+    await run_until_empty(uploader, timeout=5)
+    keys = recording_keys("gone1", STARTED)
+    versions = [ObjectRef(keys.audio, v.version_id) for v in store.objects[keys.audio]]
+    assert await store.delete_versions(versions) == []  # the sweep got there first
+    await uploader.hold("gone1", "complaint", "supervisor", started_at=STARTED)
+    await run_until_empty(uploader, timeout=5)
+    assert uploader.stats.holds_applied == 0
+    assert uploader.stats.holds_lost == 1
+    lost = [e for e in events.of("gone1") if e["event"] == "hold_incomplete"]
+    assert len(lost) == 1 and lost[0]["reason"] == "evidence_lost" and lost[0]["keys"] == [keys.audio]
+    validate_event({"schema": "kasuhara.event/1", **lost[0]})
+    assert keys.hold in store.objects, "the record of the request stays"
+    assert spool_names(tmp_path) == []

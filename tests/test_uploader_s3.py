@@ -371,7 +371,16 @@ async def test_kill_9_mid_upload_then_restart_completes_without_duplicates(
             held = cid in {"kill-1", "kill-4"}
             assert check.client.is_object_legal_hold_enabled(bucket, keys.audio) is held, cid
             assert check.client.is_object_legal_hold_enabled(bucket, keys.metadata) is held, cid
-        assert versions_by_key(check, "holds/") == {"holds/kill-1.json": 1, "holds/kill-4.json": 1}
+        # Each hold record: written first, then completed once with the versions it pins.
+        assert versions_by_key(check, "holds/") == {"holds/kill-1.json": 2, "holds/kill-4.json": 2}
+        for cid in ("kill-1", "kill-4"):
+            keys = recording_keys(cid, STARTED)
+            pinned = fetch_json(check, keys.hold)["versions"]
+            assert pinned == {
+                keys.audio: check.client.stat_object(bucket, keys.audio).version_id,
+                keys.metadata: check.client.stat_object(bucket, keys.metadata).version_id,
+            }
+            assert fetch_json(check, keys.metadata)["audio"]["version_id"] == pinned[keys.audio]
     finally:
         check.close()
 
@@ -469,5 +478,45 @@ async def test_hostile_caller_id_on_s3(s3: tuple[S3Target, str], tmp_path: Path)
             "spool",
             "spool/.kasuhara-uploader.lock",
         ]
+    finally:
+        store.close()
+
+
+async def test_a_call_id_collision_never_replaces_a_held_recording(
+    s3: tuple[S3Target, str], tmp_path: Path
+) -> None:
+    """A fresh recording whose key already holds another (held) recording: the uploader used to skip the
+    lookup for fresh recordings and PUT a second version, which every reader then took as the evidence.
+    Now the conditional create refuses: the held version stays the only one, the new files stay local."""
+    target, bucket = s3
+    store = open_store(target, bucket)
+    try:
+        cid = "1732900000.77"
+        keys = recording_keys(cid, STARTED)
+        first = wav_bytes(40_000, seed=1)
+        await arrive_while_running(tmp_path, fast_uploader(tmp_path, store), {cid: first})
+        holder = HoldRecord.create(cid, "threat", "admin", at="2025-01-01T19:00:00+00:00", started_at=STARTED)
+        from kasuhara_ari.storage import RecordingHolds
+
+        await RecordingHolds(store).apply(holder, keys)
+
+        uploader = fast_uploader(tmp_path, store)
+        task = asyncio.create_task(uploader.run())
+        try:
+            await asyncio.sleep(0.2)
+            put_recording(tmp_path, cid, audio=wav_bytes(40_000, seed=2))  # same id, other audio
+            await uploader.notify(cid)
+            deadline = time.monotonic() + 20
+            while uploader.stats.failures < 2:
+                assert time.monotonic() < deadline, "the collision was never refused"
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert versions_by_key(store, "recordings/") == {keys.audio: 1, keys.metadata: 1}
+        assert fetch_sha(store, keys.audio) == hashlib.sha256(first).hexdigest()
+        assert uploader.stats.stored == 0
+        assert f"{cid}.wav" in spool_names(tmp_path), "the colliding recording stays in the spool"
     finally:
         store.close()

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from ..safe import SafeLogFormatter
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_REFUSED", "main"]
@@ -20,9 +21,9 @@ def main() -> None:
 
     Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 refused (permission, hold).
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeLogFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # One line per HTTP request would drown the call log (and ARI URLs carry query strings).
     for noisy in ("httpx", "httpcore", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -37,6 +38,7 @@ for _module, _attr in (
     ("recordings", "recordings"),
     ("retention", "retention"),
     ("audit", "audit"),
+    ("export", "export"),
     ("agi", "agi"),
     ("callers", "callers"),
     ("supervise", "supervise"),

@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from ..audit import ACTIONS, AuditLog, AuditRecord, actor
+from ..audit import ACTIONS, AuditLog, AuditRecord, AuditVerifier, VerifyReport, actor
 from ..events import NullEvents
+from ..safe import json_for_terminal, printable
 from ..search import local_midnight
-from .common import EXIT_OK, config_option, load_config
+from .common import EXIT_FAILED, EXIT_OK, config_option, load_config
 from .recordings import open_store, run_async, show_time, text, timezone_of, when
 
 
@@ -95,14 +96,12 @@ def list_cmd(
                 if as_json:
                     doc = json.loads(record.to_json())
                     doc["key"] = record.key
-                    click.echo(
-                        ("\n" if count == 0 else ",\n") + json.dumps(doc, ensure_ascii=False), nl=False
-                    )
+                    click.echo(("\n" if count == 0 else ",\n") + json_for_terminal(doc), nl=False)
                 else:
                     click.echo(
                         ROW.format(
                             at=show_time(record.at, tz),
-                            action=record.action,
+                            action=text(record.action, 24),
                             result=text(record.result, 12),
                             by=text(record.by, 16),
                             target=text(_target(record), 32),
@@ -115,10 +114,61 @@ def list_cmd(
             else:
                 click.echo(f"{count} record(s)", err=True)
             for key, problem in problems:
-                click.echo(f"warning: {key}: {problem}", err=True)
+                click.echo(f"warning: {printable(key, max_chars=300)}: {printable(problem)}", err=True)
         finally:
             store.close()
         return count
 
     run_async(cfg, go)
     raise SystemExit(EXIT_OK)
+
+
+@audit.command("verify")
+@config_option
+@click.option("--from", "start", metavar="D", help="From D (its UTC day), inclusive; default: the whole log.")
+@click.option("--to", "end", metavar="D", help="To D (its UTC day), inclusive; default: now.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (chains, legacy keys, findings).")
+def verify_cmd(config_path: str | None, start: str | None, end: str | None, as_json: bool) -> None:
+    """Check the audit trail's hash chains: name every edited, deleted, reordered or moved record.
+
+    \b
+    Each writer (admin name + host) chains its records: every record carries the sha256 of the one
+    before, and audit-chains/<id>.json names the last. Records older than every chain are listed as
+    "unchained (legacy)", which is not tampering. Without --to the heads also vouch for the last
+    records (a deleted newest record shows); with --to the range's end is only as good as what it holds.
+    Exit codes: 0 intact, 1 a problem found (each named with its key) or S3 failed, 2 bad usage.
+    """
+    cfg = load_config(config_path)
+    tz = timezone_of(cfg)
+    begin = when(start, tz, "--from")
+    stop = when(end, tz, "--to", end=True)
+    if begin is not None and stop is not None and stop < begin:
+        raise click.BadParameter("--to is before --from", param_hint="'--to'")
+    store = open_store(cfg, role="admin", command="audit verify")
+
+    async def go() -> VerifyReport:
+        try:
+            return await AuditVerifier(store, start=begin, end=stop).run()
+        finally:
+            store.close()
+
+    report = run_async(cfg, go)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), ensure_ascii=False))
+    else:
+        for c in report.chains.values():
+            span = "-" if c.first_seq is None else f"seq {c.first_seq}..{c.last_seq}"
+            state = f"{c.problems} problem(s)" if c.problems else "intact"
+            if c.open_end and not c.problems:
+                state = "intact up to the range's end"
+            click.echo(
+                f"chain {c.chain}  {text(c.by, 16):<16} {text(c.host, 20):<20} {c.records:>7} record(s)  "
+                f"{span:<16} head {c.head_seq if c.head_seq is not None else '-':<7} {state}"
+            )
+        if report.legacy:
+            click.echo(f"unchained (legacy): {len(report.legacy)} record(s) written before chaining began")
+        for f in report.findings:
+            click.echo(f"{f.kind.upper():<13} {text(f.key, 120)}  {text(f.detail, 200)}")
+        verdict = "intact" if report.ok else f"{len(report.findings)} problem(s)"
+        click.echo(f"{report.records} record(s) in {len(report.chains)} chain(s): {verdict}", err=True)
+    raise SystemExit(EXIT_OK if report.ok else EXIT_FAILED)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
+import math
 import sys
 import zoneinfo
 from collections.abc import Mapping
@@ -23,11 +23,18 @@ import aiomqtt
 import click
 
 from ..config import Config
-from ..safe import clean_caller_text
+from ..events import mqtt_tls_context
+from ..safe import clean_caller_text, json_for_terminal, load_untrusted_json
 from .common import EXIT_FAILED, EXIT_OK, config_option, load_config
 
 #: How long an ended call stays on the live view.
 KEEP_ENDED_S = 60.0
+#: Longer than any call; a larger duration (or ``Infinity``) from a payload is shown as unknown.
+MAX_DURATION_S = 10 * 365 * 86400
+#: Calls the board remembers: a flood of made-up call ids must not grow the monitor without bound.
+MAX_CALLS = 5000
+#: The largest payload looked at (the service's are a few kB).
+MAX_PAYLOAD_BYTES = 256 * 1024
 COLUMNS = (("call_id", 24), ("state", 11), ("caller", 22), ("agent", 18), ("escalation", 30), ("duration", 8))
 
 _STATE_AFTER = {
@@ -56,17 +63,19 @@ def _text(value: object, width: int) -> str:
 
 
 def _parse_at(value: object) -> dt.datetime | None:
-    if not isinstance(value, str):
+    """An event's ``at`` as an aware UTC datetime; ``None`` if absent, naive, or with no UTC instant
+    (``0001-01-01T00:00:00+14:00`` parses but overflows every later comparison)."""
+    if not isinstance(value, str) or len(value) > 64:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
+        return parsed.astimezone(dt.UTC) if parsed.tzinfo is not None else None
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo is not None else None
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
+    if seconds is None or not math.isfinite(seconds) or not 0 <= seconds < MAX_DURATION_S:
         return "-"
     whole = int(seconds)
     hours, rest = divmod(whole, 3600)
@@ -118,6 +127,8 @@ class CallBoard:
             return None
         view = self.calls.get(call_id)
         if view is None:
+            if len(self.calls) >= MAX_CALLS:
+                del self.calls[next(iter(self.calls))]  # the oldest seen
             view = self.calls[call_id] = CallView(call_id=call_id, state="?")
         at = _parse_at(payload.get("at"))
         if event == "started":
@@ -150,7 +161,8 @@ class CallBoard:
         elif event == "ended":
             view.ended = at
             duration = payload.get("duration_s")
-            view.duration_s = float(duration) if isinstance(duration, int | float) else None
+            finite = isinstance(duration, int | float) and math.isfinite(duration)
+            view.duration_s = float(duration) if finite and duration is not None else None
         new_state = _STATE_AFTER.get(event)
         if event == "warning_played" and payload.get("final"):
             new_state = "ending"
@@ -176,11 +188,18 @@ class CallBoard:
         if self.status is None:
             return "service: unknown (no retained status yet)"
         at = _parse_at(self.status.get("at"))
-        since = at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if at else "?"
+        try:
+            since = at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if at else "?"
+        except OverflowError:  # 9999-12-31T23:00Z is no date in Tokyo
+            since = "?"
         state = _text(self.status.get("state"), 10)
         host = _text(self.status.get("hostname"), 40)
         version = _text(self.status.get("version"), 20)
-        return f"service: {state} since {since} (host {host}, version {version})"
+        line = f"service: {state} since {since} (host {host}, version {version})"
+        disk = self.status.get("spool_disk")
+        if isinstance(disk, Mapping) and disk.get("state") not in (None, "ok"):
+            line += f"  SPOOL DISK {_text(disk.get('state'), 10).upper()}"
+        return line
 
 
 def header() -> str:
@@ -213,17 +232,28 @@ class _Output:
     def message(self, topic: str, raw: bytes) -> bool:
         """Handle one message; True when it counted as an event (for --count)."""
         try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            payload = None
+            # Anyone who may publish on the prefix writes these, and a retained one is read at every
+            # start: NaN, Infinity, deep nesting and huge payloads are refused here, once.
+            payload = load_untrusted_json(raw, max_bytes=MAX_PAYLOAD_BYTES, max_depth=16)
+        except ValueError as exc:
+            click.echo(
+                f"kasuhara monitor: ignored a message on {_text(topic, 120)}: {_text(exc, 80)}", err=True
+            )
+            return False
         if not isinstance(payload, dict):
-            click.echo(f"kasuhara monitor: ignored a non-JSON message on {_text(topic, 120)}", err=True)
+            click.echo(f"kasuhara monitor: ignored a non-object message on {_text(topic, 120)}", err=True)
             return False
         if self.as_json:
-            self.out.write(json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n")
+            self.out.write(json_for_terminal(payload) + "\n")
             self.out.flush()
             return True
-        changed = self.board.apply(payload)
+        try:
+            changed = self.board.apply(payload)
+        except Exception as exc:  # a payload shape nobody foresaw: skip it, never end the monitor
+            click.echo(
+                f"kasuhara monitor: ignored a message on {_text(topic, 120)} ({type(exc).__name__})", err=True
+            )
+            return False
         now = dt.datetime.now(dt.UTC)
         if self.live:
             self.redraw()
@@ -281,6 +311,7 @@ async def watch(
                 mqtt.port,
                 username=mqtt.username or None,
                 password=mqtt.password or None,
+                tls_context=mqtt_tls_context(mqtt),
                 timeout=connect_timeout_s,
             ) as client:
                 await client.subscribe(f"{mqtt.topic_prefix}/#", qos=1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -23,8 +22,8 @@ import click
 from ..audit import AuditLog, AuditRecord, CommandEvents, actor
 from ..config import Config
 from ..events import now_iso
-from ..export import EvidenceExport, EvidenceMismatch, ExportError, ExportItem
-from ..safe import UnsafeValueError, clean_caller_text, safe_call_id
+from ..export import EvidenceExport, EvidenceMismatch, ExportError, ExportItem, ExportResult, verdict
+from ..safe import UnsafeValueError, clean_caller_text, json_for_terminal, printable, safe_call_id
 from ..search import (
     Catalog,
     CorruptMetadata,
@@ -34,14 +33,18 @@ from ..search import (
     Unreadable,
     local_midnight,
     parse_direction,
+    parse_metadata,
     parse_when,
+    started_of,
     zone,
 )
+from ..signing import SigningError, load_signer
 from ..storage import (
     DeletionGuard,
     HoldRecord,
     MinioStore,
     ObjectRef,
+    Pins,
     PreconditionFailed,
     RecordingHolds,
     StorageError,
@@ -49,10 +52,16 @@ from ..storage import (
     StorageSetupError,
     StorageUnavailable,
     hash_file,
+    pin_versions,
 )
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, config_option, load_config
 
 T = TypeVar("T")
+
+#: Done, but a pinned object has a later version: "superseded — possible tampering" (README).
+EXIT_SUPERSEDED = 4
+#: Done, but a file has no sha256 recorded at capture: unverifiable, which is not a mismatch (README).
+EXIT_UNVERIFIABLE = 5
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done (also: nothing to do), 1 failed, 2 bad usage or configuration, 3 refused."
@@ -75,7 +84,8 @@ def fail(code: int, message: str) -> NoReturn:
 
 
 def finish(code: int, message: str) -> NoReturn:
-    click.echo(f"kasuhara: {message}", err=True)
+    # Messages quote S3 keys and server errors, which bucket writers choose: no raw ESC or newline.
+    click.echo(f"kasuhara: {printable(message, max_chars=2000)}", err=True)
     raise SystemExit(code)
 
 
@@ -194,8 +204,12 @@ def show_time(value: object, tz: ZoneInfo) -> str:
     except ValueError:
         return clean_caller_text(value, max_chars=40) or "-"
     if parsed.tzinfo is None:
-        return value
-    return parsed.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+        # Not ours (we always write an offset): shown as written, marked, never as if it were local time.
+        return f"{clean_caller_text(value, max_chars=40)} (no offset)"
+    try:
+        return parsed.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S")
+    except OverflowError:  # 0001-01-01T00:00:00+14:00: valid ISO, no instant in range
+        return f"{clean_caller_text(value, max_chars=40)} (out of range)"
 
 
 def text(value: object, width: int | None = None) -> str:
@@ -247,6 +261,38 @@ async def audit_or_fail(s: Session, record: AuditRecord, *, strict: bool) -> Non
         click.echo(f"warning: audit record could not be written: {exc}", err=True)
 
 
+async def audit_first(
+    s: Session,
+    action: str,
+    *,
+    reason: str,
+    target: Mapping[str, Any],
+    details: Mapping[str, Any] | None = None,
+) -> AuditRecord:
+    """The audit record written BEFORE a destructive or evidence-handing action (release, delete,
+    download, export). If it cannot be written the action is refused: nothing happens unaudited."""
+    record = s.audit.new(action, reason=reason, result="started", target=target, details=details)
+    try:
+        return await s.audit.write(record)
+    except StorageError as exc:
+        fail(EXIT_FAILED, f"refused: the audit record could not be written ({exc}); nothing was done")
+
+
+async def audit_outcome(s: Session, first: AuditRecord, result: str, details: Mapping[str, Any]) -> None:
+    """The follow-up record with how an audited action ended (best effort: the action is on record)."""
+    await audit_or_fail(
+        s,
+        s.audit.new(
+            first.action,
+            reason=first.reason,
+            result=result,
+            target=first.target,
+            details={**details, "started_record": first.key},
+        ),
+        strict=False,
+    )
+
+
 async def locate(s: Session, call_id: str, days: list[date]) -> Located:
     found = await s.catalog.locate(call_id, days=days)
     if found is None:
@@ -262,6 +308,61 @@ async def entry_of(s: Session, found: Located) -> Entry:
         return await s.catalog.entry(found)
     except CorruptMetadata as exc:
         fail(EXIT_FAILED, f"{found.keys.call_id}: metadata {found.keys.metadata} is unreadable: {exc}")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A call as evidence: the pinned versions, the hold record, the pinned metadata's entry."""
+
+    pins: Pins
+    hold: HoldRecord | None
+    entry: Entry
+
+    def superseded(self) -> list[str]:
+        """One line per pinned object with a later version or delete marker (possible tampering)."""
+        lines = []
+        for pin in (self.pins.audio, self.pins.metadata):
+            if pin.superseded:
+                newest = pin.later[0]
+                kind = "a delete marker" if newest.is_delete_marker else f"version {newest.version_id}"
+                lines.append(
+                    f"SUPERSEDED — possible tampering: {pin.key} has {len(pin.later)} later version(s) "
+                    f"(newest: {kind}); the evidence is version {pin.version_id} ({pin.source})"
+                )
+        return lines
+
+
+async def evidence_of(s: Session, found: Located) -> Evidence:
+    """Read a call at its pinned versions (never simply the latest: a later PUT is not the evidence)."""
+    cid = found.keys.call_id
+    if not found.metadata:
+        fail(EXIT_FAILED, f"{cid}: audio without metadata at {found.keys.audio}")
+    hold = await RecordingHolds(s.store).record(cid)
+    pins = await pin_versions(s.store, found.keys, hold.versions if hold is not None else {})
+    meta = pins.metadata
+    data = None
+    if meta.present:
+        data = await s.store.get_bytes(found.keys.metadata, version_id=meta.version_id)
+    if data is None:
+        fail(
+            EXIT_FAILED, f"EVIDENCE MISSING: {found.keys.metadata} version {meta.version_id} ({meta.source})"
+        )
+    try:
+        doc = parse_metadata(data, cid)
+        started = started_of(doc)
+    except ValueError as exc:
+        fail(EXIT_FAILED, f"{cid}: metadata {found.keys.metadata} is unreadable: {exc}")
+    audio = doc.get("audio")
+    audio_key = audio.get("key") if isinstance(audio, Mapping) else None
+    entry = Entry(
+        call_id=cid,
+        metadata_key=found.keys.metadata,
+        audio_key=audio_key if isinstance(audio_key, str) else None,
+        started_at=started,
+        doc=doc,
+        held=hold is not None,
+    )
+    return Evidence(pins, hold, entry)
 
 
 def call_target(found: Located) -> dict[str, Any]:
@@ -357,7 +458,9 @@ def recordings() -> None:
     KASUHARA_ADMIN__ACCESS_KEY/SECRET_KEY) and refuse (exit 3) without them; list, show and hold use
     them when set, else [storage]'s. Every command writes an audit record (audit/…) and audit.<action>
     on MQTT. Search cost: one LIST per day in the range and one GET per recording (metadata only).
-    Exit codes: 0 done (also: nothing to do), 1 failed, 2 bad usage or configuration, 3 refused.
+    Exit codes: 0 done (also: nothing to do), 1 failed, 2 bad usage or configuration, 3 refused;
+    show/download/export: 4 done but superseded (a later version of a pinned object: possible
+    tampering), 5 done but unverifiable (no sha256 recorded at capture).
     """
 
 
@@ -422,7 +525,7 @@ def list_cmd(
             async for e in s.catalog.search(f, on_problem=problems.append):
                 if as_json:
                     click.echo(
-                        ("\n" if count == 0 else ",\n") + json.dumps(e.summary(), ensure_ascii=False),
+                        ("\n" if count == 0 else ",\n") + json_for_terminal(e.summary()),
                         nl=False,
                     )
                 else:
@@ -433,7 +536,7 @@ def list_cmd(
             else:
                 click.echo(f"{count} recording(s)", err=True)
             for p in problems:
-                click.echo(f"warning: {p.key}: {p.problem}", err=True)
+                click.echo(f"warning: {printable(p.key, max_chars=300)}: {printable(p.problem)}", err=True)
             record = s.audit.new(
                 "list", reason=reason, target=f.as_dict(), details={"counts": {"listed": count}}
             )
@@ -457,35 +560,52 @@ def show(config_path: str | None, call_id: str, on_date: str | None, as_json: bo
     days = day_option(on_date, timezone_of(cfg))
     store = open_store(cfg, role="admin", command="recordings show")
 
-    async def go() -> None:
+    async def go() -> int:
         async with session(cfg, store) as s:
             found = await locate(s, cid, days)
-            e = await entry_of(s, found)
-            hold = await RecordingHolds(s.store).record(cid)
+            ev = await evidence_of(s, found)
+            e, hold = ev.entry, ev.hold
             objects = {}
-            for key in (found.keys.audio, found.keys.metadata):
-                info = await s.store.stat(key)
-                objects[key] = (
+            for pin in (ev.pins.audio, ev.pins.metadata):
+                info = await s.store.stat(pin.key, version_id=pin.version_id) if pin.present else None
+                objects[pin.key] = (
                     None
                     if info is None
                     else {
                         "bytes": info.size,
                         "sha256": info.metadata.get("sha256"),
                         "version_id": info.version_id,
+                        "version_source": pin.source,
                         "legal_hold": info.legal_hold,
+                        "superseded_by": [v.version_id for v in pin.later],
                     }
                 )
+            superseded = ev.superseded()
             if as_json:
-                doc = {"metadata": e.doc, "hold_record": asdict(hold) if hold else None, "objects": objects}
-                click.echo(json.dumps(doc, ensure_ascii=False, indent=1))
+                doc = {
+                    "metadata": e.doc,
+                    "hold_record": asdict(hold) if hold else None,
+                    "objects": objects,
+                    "superseded": superseded,
+                }
+                click.echo(json_for_terminal(doc, indent=1))
             else:
                 _print_show(e, hold, objects, s.tz, cfg.general.timezone)
+            for line in superseded:
+                click.echo(f"kasuhara: {line}", err=True)
             await audit_or_fail(
-                s, s.audit.new("show", reason=reason, target=call_target(found)), strict=False
+                s,
+                s.audit.new(
+                    "show",
+                    reason=reason,
+                    result="superseded" if superseded else "done",
+                    target=call_target(found),
+                ),
+                strict=False,
             )
+            return EXIT_SUPERSEDED if superseded else EXIT_OK
 
-    run_async(cfg, go)
-    raise SystemExit(EXIT_OK)
+    raise SystemExit(run_async(cfg, go))
 
 
 def _print_show(
@@ -549,51 +669,64 @@ def download(
     days = day_option(on_date, timezone_of(cfg))
     store = open_store(cfg, role="admin", command="recordings download", require=True)
 
-    async def go() -> str:
+    async def go() -> tuple[str, str, list[str]]:
         async with session(cfg, store) as s:
             found = await locate(s, cid, days)
-            e = await entry_of(s, found)
+            ev = await evidence_of(s, found)
+            e, pin = ev.entry, ev.pins.audio
             audio = e.doc.get("audio") if isinstance(e.doc.get("audio"), Mapping) else {}
             assert isinstance(audio, Mapping)
             if not e.audio_key:
                 fail(EXIT_FAILED, f"{cid} has no audio (status: {audio.get('status') or 'none'})")
+            if not pin.present:
+                fail(EXIT_FAILED, f"EVIDENCE MISSING: {pin.key} version {pin.version_id} ({pin.source})")
+            # On record before a byte is handed out; refused if that cannot be written.
+            first = await audit_first(
+                s,
+                "download",
+                reason=reason,
+                target=call_target(found),
+                details={"version_id": pin.version_id, "file": out.name},
+            )
             tmp = out.with_name(f".{out.name}.{os.getpid()}.download")
             try:
-                info = await s.store.get_to_file(e.audio_key, tmp)
+                info = await s.store.get_to_file(pin.key, tmp, version_id=pin.version_id)
                 size, sha = await asyncio.to_thread(hash_file, tmp)
-                recorded = {audio.get("sha256"), info.metadata.get("sha256")}
-                if recorded != {sha}:
-                    await audit_or_fail(
-                        s,
-                        s.audit.new(
-                            "download",
-                            reason=reason,
-                            result="integrity_failure",
-                            target=call_target(found),
-                            details={"sha256": sha, "recorded": sorted(str(r) for r in recorded)},
-                        ),
-                        strict=False,
-                    )
+                recorded = [audio.get("sha256"), info.metadata.get("sha256")]
+                check = verdict(sha, recorded)
+                if isinstance(audio.get("bytes"), int) and audio.get("bytes") != size:
+                    check = "mismatch"
+                facts = {"sha256": sha, "bytes": size, "version_id": info.version_id, "verification": check}
+                if check == "mismatch":
+                    await audit_outcome(s, first, "integrity_failure", {**facts, "recorded": recorded})
                     fail(
                         EXIT_FAILED,
-                        f"INTEGRITY FAILURE: {e.audio_key} hashes to {sha}, but capture recorded "
-                        f"{', '.join(sorted(str(r) for r in recorded))}; nothing written",
+                        f"INTEGRITY FAILURE: {pin.key} version {pin.version_id} hashes to {sha} ({size} "
+                        f"bytes), but capture recorded {', '.join(str(r) for r in recorded if r)}; "
+                        "nothing written",
                     )
-                record = s.audit.new(
-                    "download",
-                    reason=reason,
-                    target=call_target(found),
-                    details={"sha256": sha, "bytes": size, "version_id": info.version_id, "file": out.name},
-                )
-                await audit_or_fail(s, record, strict=True)
                 os.replace(tmp, out)
             finally:
                 tmp.unlink(missing_ok=True)
-            return sha
+            superseded = ev.superseded()
+            await audit_outcome(
+                s, first, "superseded" if superseded else check, {**facts, "superseded": superseded}
+            )
+            return sha, check, superseded
 
-    sha = run_async(cfg, go)
-    click.echo(f"{out}  sha256 {sha} (matches capture)")
-    raise SystemExit(EXIT_OK)
+    sha, check, superseded = run_async(cfg, go)
+    if check == "verified":
+        click.echo(f"{out}  sha256 {sha} (matches capture)")
+    else:
+        click.echo(f"{out}  sha256 {sha}")
+        click.echo(
+            "kasuhara: UNVERIFIABLE: no sha256 was recorded at capture (missing provenance, not a "
+            "mismatch): the file cannot be checked against the original",
+            err=True,
+        )
+    for line in superseded:
+        click.echo(f"kasuhara: {line}", err=True)
+    raise SystemExit(EXIT_SUPERSEDED if superseded else EXIT_UNVERIFIABLE if check != "verified" else EXIT_OK)
 
 
 @recordings.command()
@@ -618,8 +751,11 @@ def export(
 ) -> None:
     """Export evidence: a zip with audio, metadata, timeline, manifest.json and SHA256SUMS.
 
-    Every file is checked against the sha256 recorded at capture; a mismatch stops the export (exit 1)
-    and leaves no zip. Select by range and filters (--from and --to required) or by --call. Needs admin.
+    Each object is exported at its pinned version and checked against the sha256 recorded at capture;
+    manifest.json marks every file verified / unverifiable / mismatch / missing. Exit 1 on a mismatch or a
+    missing version (the zip is still written: it shows which), 4 if a pinned object has a later version
+    (possible tampering), 5 if a file has no capture hash. Select by range and filters (--from and --to
+    required) or by --call. Needs admin.
     """
     cfg = load_config(config_path)
     cids = [call_id_arg(c) for c in calls]
@@ -632,8 +768,14 @@ def export(
         )
     out = check_output(output, force)
     store = open_store(cfg, role="admin", command="recordings export", require=True)
+    try:
+        signer = load_signer(cfg.admin.signing_key)  # manifest.sig (signing.py)
+    except SigningError as exc:
+        finish(EXIT_CONFIG, f"configuration error: {exc}")
+    if signer is None:
+        click.echo("warning: no export signing key (`kasuhara storage init` makes one): unsigned", err=True)
 
-    async def go() -> tuple[int, str]:
+    async def go() -> tuple[ExportResult, int, str] | None:
         async with session(cfg, store) as s:
             items: list[ExportItem] = []
             for cid in cids:
@@ -649,7 +791,11 @@ def export(
                         if e.call_id not in cids:
                             items.append(ExportItem(e.call_id, e.metadata_key))
             for p in problems:
-                click.echo(f"warning: not exported, unreadable metadata: {p.key}: {p.problem}", err=True)
+                click.echo(
+                    f"warning: not exported, unreadable metadata: {printable(p.key, max_chars=300)}: "
+                    f"{printable(p.problem)}",
+                    err=True,
+                )
             query: dict[str, Any] = dict(f.as_dict()) if f is not None else {}
             if cids:
                 query["calls"] = cids
@@ -658,54 +804,76 @@ def export(
                 await audit_or_fail(
                     s, s.audit.new("export", reason=reason, result="empty", target=target), strict=False
                 )
-                return 0, ""
+                return None
+            # On record before anything is read; its key goes into the manifest.
+            first = await audit_first(s, "export", reason=reason, target=target, details={"file": out.name})
             with progress(len(items), "exporting") as step:
                 exporter = EvidenceExport(
-                    s.store, created_by=s.audit.by, query=query, reason=reason, progress=step
+                    s.store,
+                    created_by=s.audit.by,
+                    query=query,
+                    reason=reason,
+                    progress=step,
+                    audit_key=first.key,
                 )
+                exporter.signer = signer
                 try:
                     result = await exporter.write(items, out)
-                except EvidenceMismatch as exc:
-                    await audit_or_fail(
-                        s,
-                        s.audit.new(
-                            "export",
-                            reason=reason,
-                            result="integrity_failure",
-                            target=target,
-                            details={"call_id": exc.call_id, "error": str(exc)},
-                        ),
-                        strict=False,
-                    )
-                    fail(EXIT_FAILED, f"INTEGRITY FAILURE, export aborted, no zip written: {exc}")
-                except ExportError as exc:
+                except (EvidenceMismatch, ExportError) as exc:
+                    await audit_outcome(s, first, "failed", {"error": str(exc)})
                     fail(EXIT_FAILED, f"export aborted, no zip written: {exc}")
-            record = s.audit.new(
-                "export",
-                reason=reason,
-                target=target,
-                details={
+            EvidenceExport.commit(result, out)
+            code, verdict_text = export_verdict(result)
+            await audit_outcome(
+                s,
+                first,
+                "done" if code == EXIT_OK else verdict_text.split(":", 1)[0].lower().replace(" ", "_"),
+                {
                     "file": out.name,
                     "zip_sha256": result.sha256,
                     "counts": {"recordings": result.recordings, "files": result.files, "bytes": result.bytes},
+                    "verification": dict(result.verification),
+                    "superseded": list(result.superseded),
                 },
             )
-            try:
-                await audit_or_fail(s, record, strict=True)
-            except BaseException:
-                EvidenceExport.discard(result)
-                raise
-            EvidenceExport.commit(result, out)
-            return result.recordings, result.sha256
+            return result, code, verdict_text
 
-    count, sha = run_async(cfg, go)
-    if count == 0:
+    outcome = run_async(cfg, go)
+    if outcome is None:
         click.echo("nothing to export: no recording matches", err=True)
-    else:
-        click.echo(
-            f"{out}: {count} recording(s), zip sha256 {sha}; verify with: unzip, then sha256sum -c SHA256SUMS"
+        raise SystemExit(EXIT_OK)
+    result, code, verdict_text = outcome
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(result.verification.items()))
+    click.echo(
+        f"{out}: {result.recordings} recording(s), zip sha256 {result.sha256}; files: {counts}; "
+        "verify with: unzip, then sha256sum -c SHA256SUMS"
+    )
+    if code != EXIT_OK:
+        click.echo(f"kasuhara: {verdict_text}", err=True)
+    raise SystemExit(code)
+
+
+def export_verdict(result: ExportResult) -> tuple[int, str]:
+    """The exit code of an export and why: a mismatch or a missing pinned version fails (1); a later
+    version of an exported key is reported as possible tampering (4); files without a capture hash are
+    unverifiable (5). The zip is written in every case, its manifest saying which file is which."""
+    v = result.verification
+    if v.get("mismatch") or v.get("missing"):
+        return EXIT_FAILED, (
+            f"INTEGRITY FAILURE: {v.get('mismatch', 0)} file(s) do not match the hash recorded at capture, "
+            f"{v.get('missing', 0)} pinned version(s) missing (see 'verification' in manifest.json)"
         )
-    raise SystemExit(EXIT_OK)
+    if result.superseded:
+        return EXIT_SUPERSEDED, (
+            f"SUPERSEDED: possible tampering: a later version exists of {', '.join(result.superseded)}; "
+            "the pinned versions were exported (see 'superseded_by' in manifest.json)"
+        )
+    if v.get("unverifiable"):
+        return EXIT_UNVERIFIABLE, (
+            f"UNVERIFIABLE: {v['unverifiable']} file(s) have no sha256 recorded at capture (missing "
+            "provenance, not a mismatch; see 'verification' in manifest.json)"
+        )
+    return EXIT_OK, "verified"
 
 
 @recordings.command()
@@ -729,8 +897,21 @@ def hold(config_path: str | None, call_id: str, on_date: str | None, reason: str
                 with contextlib.suppress(CorruptMetadata):
                     started = (await s.catalog.entry(found)).doc.get("started_at")
             record = HoldRecord.create(cid, reason, s.audit.by, at=now_iso(), started_at=started)
-            outcome = await RecordingHolds(s.store).apply(record, found.keys)
-            result = "done" if outcome.record_written else "already_held"
+            holds = RecordingHolds(s.store)
+            outcome = await holds.apply(record, found.keys)
+            # Re-read what the hold protects: a retention sweep that deleted a version between its check
+            # of the hold records and this hold cannot be undone, and must not be reported as "held".
+            refused = sorted(outcome.refused)
+            lost = sorted(set(outcome.lost) | set(await holds.verify(outcome.pinned)) - set(refused))
+            result = (
+                "lost"
+                if lost
+                else "refused"
+                if refused
+                else "done"
+                if outcome.record_written
+                else "already_held"
+            )
             await audit_or_fail(
                 s,
                 s.audit.new(
@@ -738,10 +919,29 @@ def hold(config_path: str | None, call_id: str, on_date: str | None, reason: str
                     reason=reason,
                     result=result,
                     target=call_target(found),
-                    details={"legal_holds": list(outcome.held_keys)},
+                    details={
+                        "legal_holds": list(outcome.held_keys),
+                        "versions": dict(outcome.pinned),
+                        "lost": lost,
+                        "refused": refused,
+                    },
                 ),
                 strict=False,
             )
+            if refused and not lost:
+                # This key may not place legal holds (the service key on Ceph RGW): the record stands.
+                fail(
+                    EXIT_REFUSED,
+                    f"refused: {cid}: the hold record is written, but the server refused the S3 legal hold "
+                    f"on {', '.join(refused)} to this key; run it with the admin key",
+                )
+            if lost:
+                fail(
+                    EXIT_FAILED,
+                    f"EVIDENCE LOST: {cid}: the hold record is written, but {', '.join(lost)} no longer "
+                    "exists in the version the hold pins (deleted before the hold took effect, e.g. by a "
+                    "retention sweep running at the same time)",
+                )
             return result
 
     result = run_async(cfg, go)
@@ -774,20 +974,17 @@ def release(config_path: str | None, call_id: str, on_date: str | None, reason: 
                     strict=False,
                 )
                 return "not_held"
-            released = await holds.release(found.keys)
-            await audit_or_fail(
+            hold_was = previous.as_metadata_hold() if previous else None
+            # On record before a single legal hold is lifted; refused if that cannot be written.
+            first = await audit_first(
                 s,
-                s.audit.new(
-                    "release",
-                    reason=reason,
-                    target=call_target(found),
-                    details={
-                        "released": list(released),
-                        "hold_was": previous.as_metadata_hold() if previous else None,
-                    },
-                ),
-                strict=True,
+                "release",
+                reason=reason,
+                target=call_target(found),
+                details={"hold_was": hold_was, "versions": dict(previous.versions) if previous else {}},
             )
+            released = await holds.release(found.keys)
+            await audit_outcome(s, first, "done", {"released": list(released), "hold_was": hold_was})
             return "released"
 
     result = run_async(cfg, go)
@@ -816,7 +1013,9 @@ def delete(config_path: str | None, call_id: str, on_date: str | None, reason: s
     async def go() -> int:
         async with session(cfg, store) as s:
             found = await locate(s, cid, days)
-            guard = DeletionGuard(s.store)
+            # Early deletion of a recording still under the bucket's default GOVERNANCE retention: the
+            # admin's delete (alone) sends the bypass header; holds are still refused by the guard.
+            guard = DeletionGuard(s.store, bypass_governance=True)
             target = call_target(found)
             why = await guard.why_not(cid, [found.keys.audio, found.keys.metadata])
             if why is not None:
@@ -839,24 +1038,29 @@ def delete(config_path: str | None, call_id: str, on_date: str | None, reason: s
                     async for o in s.store.list_prefix(key, versions=True)
                     if o.key == key
                 ]
+            # On record before anything is deleted; refused if that cannot be written.
+            started = await audit_first(
+                s,
+                "delete",
+                reason=reason,
+                target=target,
+                details={
+                    "versions": [{"key": r.key, "version_id": r.version_id} for v in refs.values() for r in v]
+                },
+            )
             # Audio first, metadata only once the audio is gone: never audio left without metadata.
             first = await guard.delete(refs[found.keys.audio])
             second = await guard.delete(refs[found.keys.metadata]) if not first.refused else None
             refused = list(first.refused) + (list(second.refused) if second else [])
             deleted = len(first.deleted) + (len(second.deleted) if second else 0)
-            await audit_or_fail(
+            await audit_outcome(
                 s,
-                s.audit.new(
-                    "delete",
-                    reason=reason,
-                    result="refused" if refused else "done",
-                    target=target,
-                    details={
-                        "counts": {"objects_deleted": deleted, "objects_refused": len(refused)},
-                        "refused": [{"key": r.ref.key, "reason": r.reason} for r in refused],
-                    },
-                ),
-                strict=False,
+                started,
+                "refused" if refused else "done",
+                {
+                    "counts": {"objects_deleted": deleted, "objects_refused": len(refused)},
+                    "refused": [{"key": r.ref.key, "reason": r.reason} for r in refused],
+                },
             )
             if refused:
                 fail(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import sys
@@ -16,6 +15,7 @@ import click
 from ..audit import AuditLog, CommandEvents, actor
 from ..config import Config
 from ..retention import MAX_BATCH, LeaseLost, RetentionSweep, SweepReport, next_run, parse_daily_at
+from ..safe import json_for_terminal, printable
 from ..storage import MinioStore, StorageError
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, config_option, load_config
 from .recordings import finish, open_store, run_async, show_time, timezone_of
@@ -90,7 +90,7 @@ def _summary(report: SweepReport, cfg: Config) -> None:
         ("kept (newer than cutoff)", str(report.recordings_kept)),
         (verb, str(len(report.purged))),
         ("skipped (held / refused)", str(len(report.skipped))),
-        ("problems (not deleted)", str(len(report.problems))),
+        ("problems (not deleted)", str(report.counts()["problems"])),
         ("object versions deleted", str(report.objects_deleted)),
         ("object versions refused", str(report.objects_refused)),
     ]
@@ -105,7 +105,8 @@ def _summary(report: SweepReport, cfg: Config) -> None:
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
     for problem in report.problems:
-        click.echo(f"problem: {problem.key}: {problem.problem}", err=True)
+        key, why = printable(problem.key, max_chars=300), printable(problem.problem)
+        click.echo(f"problem: {key}: {why}", err=True)
     if report.status == "busy":
         click.echo("another retention sweep holds the lease; this one did nothing", err=True)
 
@@ -174,7 +175,7 @@ def run_cmd(config_path: str | None, days: int | None, dry_run: bool, batch_size
     except LeaseLost as exc:
         finish(EXIT_FAILED, f"stopped: {exc}")
     if as_json:
-        click.echo(json.dumps(report.as_dict(), ensure_ascii=False, indent=1))
+        click.echo(json_for_terminal(report.as_dict(), indent=1))
     else:
         _summary(report, cfg)
     raise SystemExit(EXIT_OK if report.status in {"completed", "busy"} else EXIT_FAILED)
@@ -237,6 +238,9 @@ def daemon(config_path: str | None, run_now: bool, batch_size: int) -> None:
                 except (StorageError, LeaseLost) as exc:
                     due = min(datetime.now(UTC) + RETRY_AFTER, scheduled)
                     log.error("retention event=sweep_failed error=%s retry_at=%s", exc, due.isoformat())
+                except Exception:  # a bug, or a hostile object nobody foresaw: never the daemon's end
+                    due = min(datetime.now(UTC) + RETRY_AFTER, scheduled)
+                    log.exception("retention event=sweep_crashed retry_at=%s", due.isoformat())
         finally:
             store.close()
 

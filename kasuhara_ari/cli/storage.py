@@ -8,6 +8,15 @@ import sys
 
 import click
 
+from ..signing import (
+    PUBLIC_KEY_OBJECT,
+    SigningError,
+    ensure_private_key,
+    fingerprint,
+    key_path,
+    public_pem,
+    publish_public_key,
+)
 from ..storage import (
     MinioStore,
     StorageError,
@@ -48,7 +57,22 @@ def _policies_json(bucket: str, role: str | None) -> str:
     help="Add a lifecycle rule dropping multipart uploads a crash left unfinished (after 1 day).",
 )
 @click.option("--no-policies", is_flag=True, help="Do not print the policy documents.")
-def init(config_path: str | None, lifecycle: bool, no_policies: bool) -> None:
+@click.option(
+    "--signing-key/--no-signing-key",
+    default=True,
+    show_default=True,
+    help="Create the export signing key (admin.signing_key, mode 600) if missing; publish its public key.",
+)
+@click.option(
+    "--default-retention/--no-default-retention",
+    default=True,
+    show_default=True,
+    help="Lock every new object version in GOVERNANCE mode for retention.days (the server refuses early "
+    "deletion to all but the admin role's s3:BypassGovernanceRetention).",
+)
+def init(
+    config_path: str | None, lifecycle: bool, no_policies: bool, signing_key: bool, default_retention: bool
+) -> None:
     """Create the bucket with object lock (needed for evidence holds) and print the role policies.
 
     Run it with credentials that may create buckets (not the service's). Safe to run again: an existing
@@ -61,9 +85,37 @@ def init(config_path: str | None, lifecycle: bool, no_policies: bool) -> None:
     except StorageSetupError as exc:
         click.echo(f"kasuhara: configuration error: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None
+    key_file = key_path(cfg.admin.signing_key)
+    try:
+        key, key_created = ensure_private_key(key_file) if signing_key else (None, False)
+    except SigningError as exc:
+        click.echo(f"kasuhara: configuration error: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    published = ""
+    lock_note: list[str] = []
 
     async def setup() -> bool:
+        nonlocal published
         created = await store.ensure_bucket()
+        if default_retention:
+            try:
+                lock_changed = await store.ensure_default_retention(cfg.retention.days)
+            except StorageRefused:
+                raise
+            except StorageError as exc:
+                # moto refuses it on a bucket that already holds objects (AWS and Ceph RGW do not).
+                click.echo(
+                    f"warning: default retention NOT set ({exc.code or exc}): early deletion is then "
+                    "stopped by the roles' policies and legal holds only",
+                    err=True,
+                )
+                lock_note.append("NO default retention (see warning)")
+            else:
+                lock_note.append(f"default retention GOVERNANCE {cfg.retention.days} days")
+                if lock_changed:
+                    lock_note.append("(set now)")
+        if key is not None:
+            published = await publish_public_key(store, key)
         if lifecycle:
             try:
                 await store.abort_stale_multipart_rule()
@@ -83,8 +135,17 @@ def init(config_path: str | None, lifecycle: bool, no_policies: bool) -> None:
         store.close()
     verb = "created" if created else "exists"
     click.echo(
-        f"bucket {cfg.storage.bucket!r} {verb} on {cfg.storage.endpoint}, object lock enabled", err=True
+        f"bucket {cfg.storage.bucket!r} {verb} on {cfg.storage.endpoint}, object lock enabled"
+        + (f", {' '.join(lock_note)}" if lock_note else ", no default retention (--no-default-retention)"),
+        err=True,
     )
+    if key is not None:
+        click.echo(
+            f"export signing key: {key_file} ({'created' if key_created else 'exists'}, mode 600, keep it "
+            f"off the bucket); public key {published} at {PUBLIC_KEY_OBJECT}, "
+            f"{fingerprint(key.public_key())}:\n" + public_pem(key).decode("ascii").rstrip(),
+            err=True,
+        )
     if not no_policies:
         click.echo(_policies_json(cfg.storage.bucket, None))
     raise SystemExit(EXIT_OK)
