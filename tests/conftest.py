@@ -162,6 +162,7 @@ def sip_workdir(tmp_path: Path) -> Path:
 SERIAL_GROUPS = {"asterisk": "asterisk", "rgw": "rgw"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         for fixture, group in SERIAL_GROUPS.items():
@@ -182,3 +183,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("reports from the tests")
         for text in lines:
             terminalreporter.write_line(text)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail loudly if xdist did not apply the serial groups (it rewrites node ids to ``id@group``; a pytest
+    it does not know keeps them unchanged, and the Asterisk tests would then run side by side)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not session.config.getvalue("loadgroup"):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(f"xdist_group not applied (pytest/pytest-xdist mismatch?): {lost[0]} ...")
