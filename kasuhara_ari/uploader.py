@@ -94,6 +94,7 @@ from .storage import (
     StorageError,
     StorageRefused,
     hash_file_md5,
+    key_versions,
     parse_started_at,
     recording_keys,
 )
@@ -1103,17 +1104,83 @@ class Uploader:
         return track is not None and track.fresh and track.attempts == 0
 
     async def _verify_put(
-        self, key: str, result: PutResult, *, size: int, sha256: str, md5: str
+        self, key: str, result: PutResult, *, size: int, sha256: str, md5: str, path: Path | None = None
     ) -> ObjectInfo | None:
-        """Prove the object holds what was sent: its ETag is the MD5 of our bytes where the server gives
-        one (returns None: nothing read back), else read back size and ``x-amz-meta-sha256`` of the
-        version this put created."""
-        if self.store.put_etag_is_md5(size) and result.etag == md5:
+        """Prove the object holds what was sent: its ETags are the MD5s of our bytes where the server
+        gives them (returns None: nothing read back), else read back size and ``x-amz-meta-sha256`` of
+        the version this put created. A key that may not read it (the service and audio) compares the
+        listed version's size and ETag with the file's instead; with SSE-C that proves nothing, so
+        there the service key needs ``s3:GetObject`` on audio (README, "Storage and roles")."""
+        if result.verified or (self.store.put_etag_is_md5(size) and result.etag == md5):
             return None
-        info = await self.store.stat(key, version_id=result.version_id)
+        try:
+            info = await self.store.stat(key, version_id=result.version_id)
+        except StorageRefused as exc:
+            if exc.code != "AccessDenied" or path is None:
+                raise
+            etags = await asyncio.to_thread(self.store.content_etags, path, size)
+            if not etags:
+                raise
+            listed = [v for v in await key_versions(self.store, key) if v.version_id == result.version_id]
+            if not listed or listed[0].size != size or listed[0].etag not in etags:
+                raise VerifyError(f"verify {key}: listed version does not match the uploaded file") from None
+            return None
         if info is None or info.size != size or info.metadata.get(META_SHA256) != sha256:
             raise VerifyError(f"verify {key}: object does not match the uploaded file")
         return info
+
+    async def _audio_named_by_metadata(self, keys: RecordingKeys) -> ObjectInfo | None:
+        """The audio version an earlier attempt recorded in the metadata object (``audio.sha256``,
+        ``audio.bytes``, ``audio.version_id``): the service may read metadata, never audio."""
+        data = await self.store.get_bytes(keys.metadata, max_bytes=MAX_METADATA_BYTES)
+        try:
+            doc = json.loads(data) if data is not None else None
+        except (ValueError, RecursionError):
+            return None
+        audio = doc.get("audio") if isinstance(doc, dict) else None
+        if not isinstance(audio, dict) or audio.get("key") != keys.audio:
+            return None
+        sha, size, vid = audio.get("sha256"), audio.get("bytes"), audio.get("version_id")
+        if not isinstance(sha, str) or not isinstance(size, int) or not isinstance(vid, str):
+            return None
+        status = str(audio.get("status") or "stored")
+        return ObjectInfo(
+            keys.audio, size, version_id=vid, metadata={META_SHA256: sha, META_AUDIO_STATUS: status}
+        )
+
+    async def _stored_audio(self, keys: RecordingKeys, wav: Path, size: int, sha: str) -> ObjectInfo | None:
+        """What an earlier attempt stored at the audio key, as far as this key may know: the metadata
+        object's record first, then a HEAD; where the HEAD is refused (the service role on a server
+        that enforces it), the latest listed version, identified by size and ETag (the MD5s the server
+        computed from the bytes it received: proof without reading). A version that does not match is
+        returned as is, so the caller sees a collision and never replaces it."""
+        named = await self._audio_named_by_metadata(keys)
+        if named is not None and named.size == size and named.metadata.get(META_SHA256) == sha:
+            return named
+        try:
+            return await self.store.stat(keys.audio)
+        except StorageRefused as exc:
+            if exc.code != "AccessDenied":
+                raise
+        versions = await key_versions(self.store, keys.audio)
+        if not versions or versions[0].is_delete_marker:
+            return None
+        latest = versions[0]
+        etags = await asyncio.to_thread(self.store.content_etags, wav, size)
+        if not etags:
+            raise StorageRefused(
+                f"{keys.audio}: exists, may not be read and its ETag proves nothing (SSE-C)",
+                code="AccessDenied",
+            )
+        if latest.size != size or latest.etag not in etags:
+            return latest  # no sha256 metadata: a collision, never replaced
+        log.warning(
+            "upload event=audio_identified_by_etag key=%s version_id=%s (stored by an earlier attempt;"
+            " HEAD refused to this key)",
+            keys.audio,
+            latest.version_id,
+        )
+        return dataclasses.replace(latest, metadata={META_SHA256: sha})
 
     async def _existing(
         self, key: str, same: Callable[[ObjectInfo], bool], info: ObjectInfo | None = None
@@ -1138,7 +1205,7 @@ class Uploader:
         if mode is AudioMode.NOT_RECORDED:
             return AudioResult("not_recorded")
         if mode is AudioMode.ABSENT:
-            info = await self.store.stat(keys.audio)
+            info = await self._audio_named_by_metadata(keys) or await self.store.stat(keys.audio)
             if info is not None and info.metadata.get(META_SHA256):
                 # Uploaded before a crash that came after the local file was removed.
                 status = info.metadata.get(META_AUDIO_STATUS, "stored")
@@ -1156,7 +1223,7 @@ class Uploader:
         def same(info: ObjectInfo) -> bool:
             return info.size == size and info.metadata.get(META_SHA256) == sha
 
-        info = None if self._is_fresh(call_id) else await self.store.stat(keys.audio)
+        info = None if self._is_fresh(call_id) else await self._stored_audio(keys, wav, size, sha)
         if info is not None:
             info = await self._existing(keys.audio, same, info)
             log.info("upload event=audio_already_stored call_id=%s key=%s", call_id, keys.audio)
@@ -1175,9 +1242,10 @@ class Uploader:
                     legal_hold=held,  # held from its creation: the service never needs PutObjectLegalHold
                 )
             except PreconditionFailed:
-                version = (await self._existing(keys.audio, same)).version_id
+                found = await self._stored_audio(keys, wav, size, sha)
+                version = (await self._existing(keys.audio, same, found)).version_id
             else:
-                await self._verify_put(keys.audio, result, size=size, sha256=sha, md5=md5)
+                await self._verify_put(keys.audio, result, size=size, sha256=sha, md5=md5, path=wav)
                 return AudioResult(status, keys.audio, size, sha, result.version_id, created=True)
         return AudioResult(status, keys.audio, size, sha, version)
 

@@ -824,3 +824,154 @@ async def test_a_late_hold_under_the_service_key_is_kept_and_the_admin_places_it
         assert await admin.legal_hold(keys.audio) and await admin.legal_hold(keys.metadata)
     finally:
         admin.close()
+
+
+# Call ids without a dot: Ceph RGW 16 does not apply the service's ``recordings/*.wav`` Deny to a key with
+# a dot before ``.wav`` (``7.7.wav``: tested), so only these show the service really cannot read audio.
+NINE_MIB = 9 * 1024 * 1024
+
+
+def _service_uploader(rgw: Rgw, bucket: str, spool: Path) -> tuple[Any, MinioStore]:
+    from uploader_helpers import spool_config
+
+    from kasuhara_ari.events import MemoryEvents
+    from kasuhara_ari.uploader import Timing, Uploader
+
+    service = rgw.store("service", bucket)
+    uploader = Uploader(
+        spool_config(spool),
+        service,
+        MemoryEvents(),
+        poll_interval_s=0.05,
+        backoff_base_s=0.1,
+        backoff_cap_s=0.5,
+        timing=Timing(incomplete_after_s=1.0, orphan_after_s=30.0),
+    )
+    return uploader, service
+
+
+async def _audio_versions(admin: MinioStore, key: str) -> list[Any]:
+    return [o async for o in admin.list_prefix(key, versions=True) if o.key == key]
+
+
+async def test_service_key_cannot_read_audio_without_a_dot_in_the_call_id(rgw: Rgw, bucket: str) -> None:
+    """The premise of the tests below: the service's HEAD of its own audio is refused by the server."""
+    service = rgw.store("service", bucket)
+    try:
+        keys = recording_keys("nodot-1", "2025-01-02T03:04:05.000+09:00")
+        await service.put_bytes(keys.audio, b"RIFF....", metadata={})
+        with pytest.raises(StorageError) as refused:
+            await service.stat(keys.audio)
+        assert refused.value.code == "AccessDenied"
+    finally:
+        service.close()
+
+
+async def test_a_long_recording_uploads_under_the_service_key(rgw: Rgw, bucket: str, tmp_path: Path) -> None:
+    """9 MiB (> the 8 MiB part size: multipart) proven by the part and multipart ETags, never read back
+    (failed before: the verification HEAD was refused and the recording stayed in the spool forever)."""
+    from uploader_helpers import STARTED, put_recording, run_until_empty, spool_names, wav_bytes
+
+    spool = tmp_path / "spool"
+    audio = wav_bytes(NINE_MIB)
+    put_recording(spool, "long-1", audio=audio)
+    uploader, service = _service_uploader(rgw, bucket, spool)
+    admin = rgw.store("admin", bucket)
+    try:
+        await run_until_empty(uploader, timeout=30)
+        assert spool_names(spool) == []
+        keys = recording_keys("long-1", STARTED)
+        versions = await _audio_versions(admin, keys.audio)
+        assert len(versions) == 1 and versions[0].etag.endswith("-2")
+        assert await admin.get_bytes(keys.audio, max_bytes=2 * NINE_MIB) == audio
+    finally:
+        service.close()
+        admin.close()
+
+
+async def test_a_long_flagged_recording_is_created_under_its_legal_hold(
+    rgw: Rgw, bucket: str, tmp_path: Path
+) -> None:
+    """A flagged 9 MiB recording goes up as one PUT carrying the legal hold (RGW ignores the header on
+    CreateMultipartUpload) and its pinned versions end held (failed before: multipart, HEAD refused)."""
+    from uploader_helpers import STARTED, metadata, put_recording, run_until_empty, spool_names, wav_bytes
+
+    spool = tmp_path / "spool"
+    hold = {"reason": "harassment", "by": "agent", "at": "2025-01-01T18:00:00.000+00:00"}
+    meta = metadata("longheld-1", hold=hold, flags=["harassment"])
+    put_recording(spool, "longheld-1", audio=wav_bytes(NINE_MIB), meta=meta)
+    uploader, service = _service_uploader(rgw, bucket, spool)
+    admin = rgw.store("admin", bucket)
+    try:
+        await run_until_empty(uploader, timeout=30)
+        assert spool_names(spool) == []
+        keys = recording_keys("longheld-1", STARTED)
+        record = HoldRecord.from_json(await admin.get_bytes(keys.hold) or b"")
+        versions = dict(record.versions)
+        assert set(versions) == {keys.audio, keys.metadata}
+        for key, vid in versions.items():
+            assert await admin.legal_hold(key, version_id=vid), key
+        assert uploader.stats.holds_need_admin == 0
+    finally:
+        service.close()
+        admin.close()
+
+
+@pytest.mark.parametrize("size", [4000, NINE_MIB], ids=["single", "multipart"])
+async def test_audio_stored_by_an_interrupted_attempt_is_recognised_not_duplicated(
+    rgw: Rgw, bucket: str, tmp_path: Path, size: int
+) -> None:
+    """The first attempt stored the audio and died before the metadata: the restarted uploader (it may
+    not HEAD the audio) identifies that version by size and ETag, adds no second version and leaves the
+    spool (failed before: the HEAD was refused, retried forever)."""
+    from uploader_helpers import STARTED, put_recording, run_until_empty, spool_names, wav_bytes
+
+    from kasuhara_ari.storage import hash_file
+
+    spool = tmp_path / "spool"
+    put_recording(spool, "crash-1", audio=wav_bytes(size))
+    keys = recording_keys("crash-1", STARTED)
+    uploader, service = _service_uploader(rgw, bucket, spool)
+    admin = rgw.store("admin", bucket)
+    try:
+        wav = spool / "crash-1.wav"
+        length, sha = hash_file(wav)
+        first = await service.put_file(
+            keys.audio, wav, length=length, sha256=sha, metadata={"sha256": sha}, if_none_match=True
+        )
+        await run_until_empty(uploader, timeout=30)
+        assert spool_names(spool) == []
+        versions = await _audio_versions(admin, keys.audio)
+        assert [v.version_id for v in versions] == [first.version_id]
+        doc = json.loads(await admin.get_bytes(keys.metadata) or b"{}")
+        assert doc["audio"]["version_id"] == first.version_id and doc["audio"]["sha256"] == sha
+        assert uploader.stats.skipped_existing == 1
+    finally:
+        service.close()
+        admin.close()
+
+
+async def test_a_different_object_at_the_audio_key_is_never_replaced_under_the_service_key(
+    rgw: Rgw, bucket: str, tmp_path: Path
+) -> None:
+    """Someone else's bytes at the key (same size, other content): a collision, kept in the spool."""
+    from uploader_helpers import STARTED, put_recording, spool_names, wav_bytes
+
+    from kasuhara_ari.uploader import RecordingCollision
+
+    spool = tmp_path / "spool"
+    put_recording(spool, "clash-1", audio=wav_bytes(4000, seed=1))
+    keys = recording_keys("clash-1", STARTED)
+    uploader, service = _service_uploader(rgw, bucket, spool)
+    admin = rgw.store("admin", bucket)
+    try:
+        await service.put_bytes(keys.audio, wav_bytes(4000, seed=2), metadata={})
+        from kasuhara_ari.uploader import Action, AudioMode, Decision
+
+        with pytest.raises(RecordingCollision):
+            await uploader._upload("clash-1", Decision(Action.UPLOAD, "ready", AudioMode.COMPLETE))
+        assert "clash-1.wav" in spool_names(spool)
+        assert len(await _audio_versions(admin, keys.audio)) == 1
+    finally:
+        service.close()
+        admin.close()

@@ -718,3 +718,23 @@ async def test_hold_record_completes_where_if_match_is_always_refused_but_never_
     record = HoldRecord.from_json(store.objects[keys.hold][-1].data or b"")
     assert record.reason == "other writer", "the concurrent record was re-read, not overwritten"
     assert dict(record.versions) == {keys.audio: audio.version_id, keys.metadata: meta.version_id}
+
+
+def test_multipart_etag_and_the_file_etags_a_listing_shows(tmp_path: Path) -> None:
+    import hashlib as _h
+
+    from kasuhara_ari.storage import _response_etag, file_etags, multipart_etag
+
+    data = bytes(range(256)) * 40  # 10240 bytes: 3 parts of 4096
+    path = tmp_path / "a.wav"
+    path.write_bytes(data)
+    parts = [_h.md5(data[i : i + 4096]).digest() for i in range(0, len(data), 4096)]
+    expected = _h.md5(b"".join(parts)).hexdigest() + "-3"
+    assert multipart_etag(parts) == expected
+    assert file_etags(path, len(data), 4096) == {_h.md5(data).hexdigest(), expected}
+    assert file_etags(path, len(data), 1 << 20) == {_h.md5(data).hexdigest()}
+    assert file_etags(path, len(data) + 1, 4096) == frozenset()  # shorter than said: matches nothing
+    ns = b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+    assert _response_etag(ns + b"<ETag>&quot;abc-2&quot;</ETag></CompleteMultipartUploadResult>") == "abc-2"
+    assert _response_etag(b'<R><ETag>"abc-2"</ETag></R>') == "abc-2"
+    assert _response_etag(b"<R></R>") == ""

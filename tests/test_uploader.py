@@ -829,3 +829,85 @@ async def test_a_marker_hold_that_lost_its_audio_is_reported_not_applied(tmp_pat
     validate_event({"schema": "kasuhara.event/1", **lost[0]})
     assert keys.hold in store.objects, "the record of the request stays"
     assert spool_names(tmp_path) == []
+
+
+# -- the service role may not read audio (Ceph RGW refuses it HEAD/GET of *.wav)
+
+
+def _stored_before(store: MemoryStore, tmp_path: Path, call_id: str, audio: bytes) -> str:
+    """The audio object an interrupted first attempt left (no metadata object): its version id."""
+    keys = recording_keys(call_id, STARTED)
+    sha = hashlib.sha256(audio).hexdigest()
+    version = store._add(keys.audio, audio, {"sha256": sha}, "audio/wav")
+    return version.version_id
+
+
+async def test_audio_of_an_interrupted_attempt_is_identified_by_its_etag_without_reading(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    store.refuse_audio_reads = True
+    audio = wav_bytes(20_000)
+    put_recording(tmp_path, "again-1", audio=audio)
+    first = _stored_before(store, tmp_path, "again-1", audio)
+    uploader = make_uploader(tmp_path, store)
+    await run_until_empty(uploader)
+    keys = recording_keys("again-1", STARTED)
+    assert [v.version_id for v in store.objects[keys.audio]] == [first]
+    assert stored_metadata(store, keys.metadata)["audio"]["version_id"] == first
+    assert uploader.stats.skipped_existing == 1
+    assert spool_names(tmp_path) == []
+
+
+async def test_other_bytes_at_the_audio_key_stay_unreplaced_when_audio_cannot_be_read(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.refuse_audio_reads = True
+    put_recording(tmp_path, "clash-2", audio=wav_bytes(20_000, seed=1))
+    _stored_before(store, tmp_path, "clash-2", wav_bytes(20_000, seed=2))
+    uploader = make_uploader(tmp_path, store)
+    with pytest.raises(TimeoutError):
+        await run_until_empty(uploader, timeout=1.0)
+    keys = recording_keys("clash-2", STARTED)
+    assert len(store.objects[keys.audio]) == 1 and keys.metadata not in store.objects
+    assert "clash-2.wav" in spool_names(tmp_path)
+
+
+async def test_etags_that_prove_nothing_never_let_an_unreadable_object_count_as_ours(tmp_path: Path) -> None:
+    """As with SSE-C: the ETag is no MD5, so the service cannot tell; the recording stays (retried)."""
+    store = MemoryStore()
+    store.refuse_audio_reads = True
+    store.md5_etags = False
+    audio = wav_bytes(20_000)
+    put_recording(tmp_path, "ssec-1", audio=audio)
+    _stored_before(store, tmp_path, "ssec-1", audio)
+    with pytest.raises(TimeoutError):
+        await run_until_empty(make_uploader(tmp_path, store), timeout=1.0)
+    assert len(store.objects[recording_keys("ssec-1", STARTED).audio]) == 1
+
+
+async def test_a_flagged_recording_is_held_although_its_audio_cannot_be_read(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.refuse_audio_reads = True
+    hold = {"reason": "harassment", "by": "agent", "at": "2025-01-01T18:00:00.000+00:00"}
+    put_recording(tmp_path, "held-2", audio=wav_bytes(20_000), meta=metadata("held-2", hold=hold))
+    uploader = make_uploader(tmp_path, store)
+    await run_until_empty(uploader)
+    keys = recording_keys("held-2", STARTED)
+    assert store.objects[keys.audio][-1].legal_hold and store.objects[keys.metadata][-1].legal_hold
+    assert uploader.stats.holds_applied == 1 and uploader.stats.holds_need_admin == 0
+
+
+async def test_the_metadata_object_names_the_audio_so_nothing_is_read_or_listed(tmp_path: Path) -> None:
+    """Crash after both objects were stored, before the spool was cleared: the metadata says it all."""
+    store = MemoryStore()
+    audio = wav_bytes(20_000)
+    put_recording(tmp_path, "done-1", audio=audio)
+    await run_until_empty(make_uploader(tmp_path, store))
+    put_recording(tmp_path, "done-1", audio=audio)
+    store.refuse_audio_reads = True
+    store.calls.clear()
+    uploader = make_uploader(tmp_path, store)
+    await run_until_empty(uploader)
+    keys = recording_keys("done-1", STARTED)
+    assert len(store.objects[keys.audio]) == 1 and len(store.objects[keys.metadata]) == 1
+    assert not [c for c in store.calls if c[1] == keys.audio]
