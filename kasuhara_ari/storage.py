@@ -1851,6 +1851,11 @@ class DeletionGuard:
 # --------------------------------------------------------------------------------------------- policies
 
 
+#: The audio ``Deny`` covers call ids with up to this many dots (see :func:`policy_documents`); an Asterisk
+#: uniqueid has one (``1733212345.42``), a ``systemname`` prefix adds its own.
+AUDIO_DENY_MAX_DOTS = 7
+
+
 def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
     """The S3 (IAM / MinIO / Ceph RGW) policy of each role in DESIGN.md, for ``bucket``.
 
@@ -1876,7 +1881,10 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
     def objects(*prefixes: str) -> list[str]:
         return [f"{arn}/{p}*" for p in prefixes]
 
-    audio = [f"{arn}/{RECORDINGS_PREFIX}*.wav"]
+    # Ceph RGW 16 matches ``*`` only up to the FIRST occurrence of what follows it (no backtracking,
+    # tested): ``recordings/*.wav`` misses ``…/1733212345.42.wav`` — every Asterisk call id has a dot.
+    # One pattern per number of dots before ``.wav`` (AWS's glob: each is a subset of the first).
+    audio = [f"{arn}/{RECORDINGS_PREFIX}*{'.*' * dots}.wav" for dots in range(AUDIO_DENY_MAX_DOTS + 1)]
     metadata = [f"{arn}/{RECORDINGS_PREFIX}*.json"]
     chains = "audit-chains/"  # audit.AUDIT_CHAINS_PREFIX: each writer's hash-chain head
     never_lift = {"s3:PutObjectRetention", "s3:BypassGovernanceRetention"}
