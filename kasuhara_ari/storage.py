@@ -1197,11 +1197,10 @@ class MemoryStore:
             return frozenset()
         return file_etags(path, length, max(length, 1))
 
-    async def stat(self, key: str, *, version_id: str | None = None) -> ObjectInfo | None:
-        self._enter("stat", key)
-        v = self._find(key, version_id)
-        if v is None or v.data is None:
-            return None
+    @staticmethod
+    def _info(key: str, v: _Version) -> ObjectInfo:
+        """What a HEAD (or a GET's headers) says of a stored version."""
+        assert v.data is not None
         return ObjectInfo(
             key=key,
             size=len(v.data),
@@ -1211,6 +1210,13 @@ class MemoryStore:
             metadata=dict(v.metadata),
             legal_hold=v.legal_hold,
         )
+
+    async def stat(self, key: str, *, version_id: str | None = None) -> ObjectInfo | None:
+        self._enter("stat", key)
+        v = self._find(key, version_id)
+        if v is None or v.data is None:
+            return None
+        return self._info(key, v)
 
     async def get_bytes(
         self, key: str, *, max_bytes: int = 16 * 1024 * 1024, version_id: str | None = None
@@ -1230,15 +1236,7 @@ class MemoryStore:
             code = "NoSuchKey" if version_id is None else "NoSuchVersion"
             raise StorageError(f"get {key}: {code}", code=code)
         await asyncio.to_thread(path.write_bytes, v.data)
-        return ObjectInfo(
-            key=key,
-            size=len(v.data),
-            etag=hashlib.md5(v.data, usedforsecurity=False).hexdigest(),
-            version_id=v.version_id,
-            last_modified=v.last_modified,
-            metadata=dict(v.metadata),
-            legal_hold=v.legal_hold,
-        )
+        return self._info(key, v)
 
     async def list_prefix(self, prefix: str, *, versions: bool = False) -> AsyncIterator[ObjectInfo]:
         self._enter("list", prefix)
