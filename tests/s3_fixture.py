@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,20 @@ def open_store(target: S3Target, bucket: str, *, endpoint: str | None = None, **
 
 def create_bucket(store: MinioStore) -> None:
     store.client.make_bucket(store.bucket, object_lock=True)
+
+
+@contextlib.contextmanager
+def fresh_bucket(prefix: str) -> Iterator[tuple[S3Target, str]]:
+    """A fresh object-lock bucket on the stack's S3 server for one test, emptied and removed after it."""
+    target = require_s3()
+    bucket = unique_bucket(prefix)
+    store = open_store(target, bucket)
+    create_bucket(store)
+    store.close()
+    try:
+        yield target, bucket
+    finally:
+        destroy_bucket(target, bucket)
 
 
 def destroy_bucket(target: S3Target, bucket: str) -> None:

@@ -32,7 +32,7 @@ from kasuhara_ari.safe import clean_caller_name
 from kasuhara_ari.schemas import validate_recording
 
 from audio import contains_at_start, duration_s, header_is_final
-from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
+from s3_fixture import S3Target, fresh_bucket, open_store
 from sip import Phone, agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
@@ -70,15 +70,8 @@ def agi_cfg(asterisk: Config, unique: str) -> Iterator[Config]:
 
 @pytest.fixture
 def s3_bucket() -> Iterator[tuple[S3Target, str]]:
-    target = require_s3()
-    bucket = unique_bucket("kt-agi")
-    store = open_store(target, bucket)
-    create_bucket(store)
-    store.close()
-    try:
-        yield target, bucket
-    finally:
-        destroy_bucket(target, bucket)
+    with fresh_bucket("kt-agi") as made:
+        yield made
 
 
 Starter = Callable[[Config], Awaitable[AgiService]]

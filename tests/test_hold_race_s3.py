@@ -26,7 +26,7 @@ from kasuhara_ari.storage import DeleteFailure, MinioStore, ObjectRef
 
 from conftest import REPO
 from recordings_seed import cli_command, cli_env, seed
-from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
+from s3_fixture import S3Target, fresh_bucket, open_store
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +59,8 @@ class GatedStore:
 
 @pytest.fixture
 def s3() -> Iterator[tuple[S3Target, str]]:
-    target = require_s3()
-    bucket = unique_bucket("kt-race")
-    store = open_store(target, bucket)
-    create_bucket(store)
-    store.close()
-    try:
-        yield target, bucket
-    finally:
-        destroy_bucket(target, bucket)
+    with fresh_bucket("kt-race") as made:
+        yield made
 
 
 def _held(store: MinioStore, key: str, version_id: str | None) -> bool:

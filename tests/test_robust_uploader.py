@@ -26,7 +26,7 @@ from kasuhara_ari.storage import MinioStore, recording_keys
 from kasuhara_ari.uploader import Timing, Uploader
 
 from conftest import skip_or_fail
-from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
+from s3_fixture import S3Target, fresh_bucket, open_store
 
 pytestmark = pytest.mark.integration
 #: uploader.QUARANTINE_DIR, spelled out so this file also imports against the code before the fix.
@@ -35,15 +35,8 @@ QUARANTINE_DIR = "quarantine"
 
 @pytest.fixture
 def s3() -> Iterator[tuple[S3Target, str]]:
-    target = require_s3()
-    bucket = unique_bucket("kt-robust")
-    store = open_store(target, bucket)
-    create_bucket(store)
-    store.close()
-    try:
-        yield target, bucket
-    finally:
-        destroy_bucket(target, bucket)
+    with fresh_bucket("kt-robust") as made:
+        yield made
 
 
 def uploader_for(spool: Path, store: MinioStore, events: MemoryEvents, **timing: float) -> Uploader:

@@ -36,11 +36,8 @@ from s3_fixture import (
     CuttableProxy,
     S3Target,
     all_versions,
-    create_bucket,
-    destroy_bucket,
+    fresh_bucket,
     open_store,
-    require_s3,
-    unique_bucket,
 )
 
 pytestmark = pytest.mark.integration
@@ -49,15 +46,8 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture
 def s3() -> Iterator[tuple[S3Target, str]]:
-    target = require_s3()
-    bucket = unique_bucket("kt-upload")
-    store = open_store(target, bucket)
-    create_bucket(store)
-    store.close()
-    try:
-        yield target, bucket
-    finally:
-        destroy_bucket(target, bucket)
+    with fresh_bucket("kt-upload") as made:
+        yield made
 
 
 def fast_uploader(cfg_dir: Path, store: MinioStore, events: MemoryEvents | None = None) -> Uploader:
