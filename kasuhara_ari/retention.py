@@ -65,6 +65,7 @@ from .storage import (
     StorageError,
     day_prefix,
     parse_recording_key,
+    replace_if_unchanged,
 )
 
 log = logging.getLogger(__name__)
@@ -361,17 +362,13 @@ class RetentionLease:
         return False
 
     async def _put_over(self, etag: str | None, doc: bytes) -> PutResult:
-        """Replace the lease if it still has ``etag``. Ceph RGW 16 refuses ``If-Match`` on a versioned
-        bucket even when the etag matches (and ignores ``If-None-Match``): when a re-read shows the etag
-        unchanged, nobody else wrote, so write plainly; :meth:`acquire`'s read-back still decides who won."""
-        try:
+        """Replace the lease if it still has ``etag`` (see :func:`replace_if_unchanged` for servers that
+        refuse ``If-Match``); :meth:`acquire`'s read-back still decides who won."""
+        if etag is None:
             return await self.store.put_bytes_if(LEASE_KEY, doc, metadata={}, if_match=etag)
-        except PreconditionFailed:
-            now = await self.store.stat(LEASE_KEY)
-            if now is None or etag is None or now.etag.strip('"') != etag.strip('"'):
-                raise
-            log.warning("retention event=lease_condition_refused_unchanged (server ignores If-Match)")
-            return await self.store.put_bytes(LEASE_KEY, doc, metadata={})
+        return await replace_if_unchanged(
+            self.store, LEASE_KEY, doc, metadata={}, etag=etag, what="retention"
+        )
 
     async def renew_if_due(self) -> None:
         if self.etag is None or monotonic_time.monotonic() - self._renewed < self.ttl_s / 3:

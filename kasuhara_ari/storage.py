@@ -1057,6 +1057,36 @@ async def key_versions(store: ObjectStore, key: str) -> list[ObjectInfo]:
     return [o async for o in store.list_prefix(key, versions=True) if o.key == key]
 
 
+async def replace_if_unchanged(
+    store: ObjectStore,
+    key: str,
+    data: bytes,
+    *,
+    metadata: Mapping[str, str],
+    etag: str,
+    version_id: str | None = None,
+    what: str = "storage",
+) -> PutResult:
+    """Replace ``key`` if it is still the object read as ``etag`` (and ``version_id``): ``If-Match``.
+
+    Ceph RGW 16 refuses every ``If-Match`` on a versioned bucket, even a matching one (and ignores
+    ``If-None-Match``): when a re-read still shows that very object, nobody wrote, so it is written
+    plainly. Not atomic: a write between the re-read and ours is overwritten; callers that need to know
+    who won read back. Raises :class:`PreconditionFailed` when the object really changed."""
+    try:
+        return await store.put_bytes_if(key, data, metadata=metadata, if_match=etag)
+    except PreconditionFailed:
+        now = await store.stat(key)
+        if (
+            now is None
+            or now.etag.strip('"') != etag.strip('"')
+            or (version_id is not None and now.version_id != version_id)
+        ):
+            raise
+    log.warning("%s event=condition_refused_unchanged key=%s (server refuses If-Match)", what, key)
+    return await store.put_bytes(key, data, metadata=metadata)
+
+
 def _truthy(value: object, *, default: bool) -> bool:
     if value is None:
         return default
@@ -1566,19 +1596,15 @@ class RecordingHolds:
         (which add the same kind of pins: the first pin wins again on their retry) and ``release`` (which
         deletes the record): the race can only leave a record in place, i.e. keep a hold, never drop one.
         """
-        data = record.to_json()
-        meta = {META_CALL_ID: record.call_id}
-        try:
-            await self.store.put_bytes_if(keys.hold, data, metadata=meta, if_match=info.etag)
-            return
-        except PreconditionFailed:
-            again = await self.store.stat(keys.hold)
-            if again is None or again.version_id != info.version_id or again.etag != info.etag:
-                raise  # really changed: apply() reads it again
-        log.warning(
-            "hold event=condition_refused_unchanged call_id=%s (server refuses If-Match)", record.call_id
+        await replace_if_unchanged(
+            self.store,
+            keys.hold,
+            record.to_json(),
+            metadata={META_CALL_ID: record.call_id},
+            etag=info.etag,
+            version_id=info.version_id,
+            what="hold",
         )
-        await self.store.put_bytes(keys.hold, data, metadata=meta)
 
     async def _hold_one(self, key: str, vid: str, created_held: bool) -> str:
         """Legal hold on one pinned version: ``held``, ``lost`` (gone) or ``refused`` (this key may not).
