@@ -2,10 +2,12 @@
 
 A playback ends with ``PlaybackFinished``, but the channel may hang up first: every wait here is raced
 against the call's own view of hangups, so a caller who hangs up during the notice is never waited on.
+A *cue* (the agent's confirmation tones) is the exception: started and not waited for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
@@ -58,10 +60,45 @@ def sound_media(sound: str) -> str:
 
 
 class NoticePlayer:
-    def __init__(self, ari: PlaybackApi, language: str, *, max_prompt_s: float = 60.0) -> None:
+    def __init__(
+        self, ari: PlaybackApi, language: str, *, max_prompt_s: float = 60.0, cue_timeout_s: float = 1.0
+    ) -> None:
         self._ari = ari
         self.language = language
         self.max_prompt_s = max_prompt_s
+        self.cue_timeout_s = cue_timeout_s
+
+    async def cue(self, channel_id: str, sound: str, *, tag: str) -> str | None:
+        """Start ``sound`` on ``channel_id`` and return at once (the playback id; None if not started).
+
+        For the agent's key confirmations: the tone must start before the action's slow parts (a hold
+        request, ringing supervisors), and a lost tone must never cost the action itself, so nothing is
+        waited on but the request (bounded by ``cue_timeout_s``) and no error is raised. Its
+        PlaybackFinished still reaches the call and is merely remembered there, like any other.
+        """
+        if not sound:
+            return None
+        playback_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+        try:
+            async with asyncio.timeout(self.cue_timeout_s):
+                await self._ari.play(
+                    channel_id, sound_media(sound), lang=self.language, playback_id=playback_id
+                )
+        except ChannelGone:
+            log.info("announcement event=cue_channel_gone channel=%s sound=%s", channel_id, sound)
+            return None
+        except TimeoutError:
+            log.warning(
+                "announcement event=cue_slow channel=%s sound=%s timeout_s=%s",
+                channel_id,
+                sound,
+                self.cue_timeout_s,
+            )
+            return None
+        except AriError as exc:
+            log.error("announcement event=cue_failed channel=%s sound=%s error=%s", channel_id, sound, exc)
+            return None
+        return playback_id
 
     async def play(self, waiter: Waiter, channel_id: str, sound: str, *, tag: str) -> PlayOutcome:
         """Play ``sound`` to ``channel_id`` and wait until it finished or the channel is gone."""

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from . import escalation as esc
 from .announcement import NoticePlayer, PlayOutcome
 from .ari import AriError, Channel, ChannelGone
+from .callerid import CallerId, agent_label, render, repairs
 from .callers import CallerPolicy, ListedCaller
 from .config import Config
 from .events import EventSink, now_iso
@@ -448,6 +449,7 @@ class Call:
         await self.until_in_stasis(agent_id)
         await ari.add_to_bridge(self.bridge_id, agent_id, absorb_dtmf=True, role="agent")
         await self._quietly(ari.ring(self.caller.id))
+        await self.repair_presented_id(self.caller)
         timeout = cfg.routing.dial_timeout_s
         await ari.dial(agent_id, caller=self.caller.id, timeout_s=timeout)
         self.emit("agent_ringing", target=self.target)
@@ -612,6 +614,27 @@ class Call:
                 await self.deps.on_metadata(self.call_id)
             except Exception:
                 log.exception("call event=on_metadata_failed call_id=%s", self.call_id)
+
+    async def repair_presented_id(self, channel: Channel) -> None:
+        """Make ``channel``'s caller ID safe before a leg is dialled "from" it (which copies it into the
+        leg's From header). Dialling from the channel is kept: it also passes on inherited variables."""
+        for name, value in repairs(channel.caller_name, channel.caller_number).items():
+            log.warning(
+                "call event=caller_id_repaired call_id=%s channel=%s field=%s", self.call_id, channel.id, name
+            )
+            await self._quietly(self.deps.ari.set_variable(channel.id, name, value))
+
+    def leg_caller_id(self, kind: str, **extra: str) -> CallerId:
+        """What the phone of a leg this call originates shows (``[callerid]`` templates)."""
+        cfg = self.deps.cfg.callerid
+        fields = {
+            "agent": agent_label(self.record.agent or self.target),
+            "caller_number": self.caller.caller_number,
+            "caller_name": self.caller.caller_name,
+            "call_id": self.call_id,
+            **extra,
+        }
+        return render(getattr(cfg, f"{kind}_name"), getattr(cfg, f"{kind}_number"), fields)
 
     def add_escalation(self, entry: Escalation) -> None:
         self.record.escalations.append(entry)

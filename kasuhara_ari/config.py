@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .callerid import TemplateError, check_template
+
 ENV_PREFIX = "KASUHARA_"
 CONFIG_ENV = "KASUHARA_CONFIG"
 ESCALATION_ACTIONS = frozenset({"supervisor", "flag", "warn", "warn_and_hangup"})
@@ -134,6 +136,24 @@ class EscalationConfig:
     final_sound: str = "kasuhara/final-notice"
     supervisor_intro_sound: str = "kasuhara/escalated-call"
     unavailable_sound: str = "kasuhara/supervisor-unavailable"
+    #: The agent alone hears these the moment ``flag``/``supervisor`` is accepted; "" = no tone.
+    flag_ack_sound: str = "kasuhara/flag-accepted"
+    supervisor_ack_sound: str = "kasuhara/escalation-accepted"
+
+
+@dataclass(frozen=True)
+class CallerIdConfig:
+    """What the phones of the legs the app originates show (see callerid.py for the fields).
+
+    An empty name and number for ``outbound`` keep what Asterisk presents today: the agent's own caller ID.
+    """
+
+    escalation_name: str = "{key} 応援要請 {agent}"
+    escalation_number: str = "{caller_number}"
+    supervise_name: str = "{mode_label} {agent}"
+    supervise_number: str = "{caller_number}"
+    outbound_name: str = ""
+    outbound_number: str = ""
 
 
 @dataclass(frozen=True)
@@ -205,6 +225,7 @@ class Config:
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     announcement: AnnouncementConfig = field(default_factory=AnnouncementConfig)
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
+    callerid: CallerIdConfig = field(default_factory=CallerIdConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     agi: AgiConfig = field(default_factory=AgiConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -339,12 +360,23 @@ def _validate(cfg: Config) -> None:
             f"recording.completion: must be 'watch' or 'command', got {cfg.recording.completion!r}"
         )
     _validate_agi(cfg.agi)
+    _validate_callerid(cfg.callerid)
     _validate_mqtt_tls(cfg.mqtt)
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
             "(MixMonitor's arguments and its completion command use it)"
         )
+
+
+def _validate_callerid(callerid: CallerIdConfig) -> None:
+    """Templates may name only their leg's fields (a typo would otherwise show as an empty display)."""
+    for f in dataclasses.fields(callerid):
+        kind = f.name.rsplit("_", 1)[0]
+        try:
+            check_template(getattr(callerid, f.name), kind)
+        except TemplateError as exc:
+            raise ConfigError(f"callerid.{f.name}: {exc}") from None
 
 
 def _validate_mqtt_tls(mqtt: MqttConfig) -> None:

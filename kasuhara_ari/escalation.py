@@ -140,9 +140,11 @@ class EscalationRunner:
 
     async def _flag(self, key: str) -> bool:
         """Evidence: the flag goes into the metadata, and a durable hold request is written at once so
-        that even a crash before the end of the call cannot lose it."""
+        that even a crash before the end of the call cannot lose it. The agent's confirmation tone is
+        started first: the hold request may wait on a disk or S3, the agent should not."""
         call = self.call
         at = now_iso()
+        await self._acknowledge(call.deps.cfg.escalation.flag_ack_sound, tag=f"{call.call_id}-flagack")
         reason = "flagged by agent as harassment"
         if "harassment" not in call.record.flags:
             call.record.flags.append("harassment")
@@ -158,6 +160,14 @@ class EscalationRunner:
         call.add_escalation(Escalation(at=at, action="flag", key=key, by="agent", result=result))
         call.emit("flagged", key=key, by="agent", reason="harassment")
         return False
+
+    async def _acknowledge(self, sound: str, *, tag: str) -> None:
+        """A short tone for the agent alone that the key was accepted (every time: a second ``*1`` is
+        confirmed too). Played on the agent's channel, so neither the caller nor the recording (MixMonitor
+        on the caller's channel) hears it; never waited for, never fails the action."""
+        call = self.call
+        if sound and call.agent_id and not call.channel_gone(call.agent_id):
+            await call.deps.notices.cue(call.agent_id, sound, tag=tag)
 
     async def _warn(self, key: str, *, hang_up: bool) -> bool:
         call = self.call
@@ -187,12 +197,14 @@ class EscalationRunner:
         )
 
     async def _supervisor(self, key: str) -> bool:
-        """Ring supervisors in order; the first who answers hears the intro and joins the bridge."""
+        """Ring supervisors in order; the first who answers hears the intro and joins the bridge. The agent
+        hears the confirmation tone before the first leg is even created."""
         call = self.call
         cfg = call.deps.cfg.escalation
         self.in_progress = True
         requested_at = now_iso()
         call.emit("escalation_requested", key=key, by="agent", supervisors=list(cfg.supervisors))
+        await self._acknowledge(cfg.supervisor_ack_sound, tag=f"{call.call_id}-supack")
         from .call import CallState  # local: call imports this module
 
         call._set_state(CallState.ESCALATING)
@@ -203,7 +215,7 @@ class EscalationRunner:
                 if call.deps.claim_channel is not None:
                     call.deps.claim_channel(leg, call)
                 call.emit("supervisor_ringing", supervisor=endpoint, attempt=index)
-                outcome = await self._ring_one(endpoint, leg, cfg.ring_timeout_s)
+                outcome = await self._ring_one(endpoint, leg, cfg.ring_timeout_s, key=key)
                 if outcome == "answered":
                     self._joined_leg = leg
                     self.supervisor_joined = endpoint
@@ -249,19 +261,24 @@ class EscalationRunner:
             if not (call.channel_gone(call.caller.id) or call.channel_gone(call.agent_id or "")):
                 call._set_state(CallState.TALKING)
 
-    async def _ring_one(self, endpoint: str, leg: str, ring_timeout_s: int) -> str:
+    async def _ring_one(self, endpoint: str, leg: str, ring_timeout_s: int, *, key: str = "") -> str:
         """``answered``, ``call_ended``, or why this supervisor did not come: ``no_answer``, ``busy``,
         ``failed``, ``hung_up`` (answered, then left during the intro)."""
         call = self.call
         ari: Any = call.deps.ari
         try:
             steps = [time.monotonic()]
+            shown = call.leg_caller_id("escalation", key=key)
             await ari.create_channel(
                 endpoint,
                 channel_id=leg,
                 app_args=f"supervisor,{call.call_id}",
                 originator=call.caller.id,
-                variables={"KASUHARA_CALL_ID": call.call_id, "KASUHARA_ROLE": "supervisor"},
+                variables={
+                    "KASUHARA_CALL_ID": call.call_id,
+                    "KASUHARA_ROLE": "supervisor",
+                    **shown.variables(),
+                },
             )
             steps.append(time.monotonic())
             await call.until_in_stasis(leg)
@@ -270,7 +287,9 @@ class EscalationRunner:
             # digits are absorbed like the agent's.
             await ari.add_to_bridge(call.bridge_id, leg, absorb_dtmf=True, role="supervisor")
             steps.append(time.monotonic())
-            await ari.dial(leg, caller=call.agent_id, timeout_s=ring_timeout_s)
+            # Dialling "from" the agent would copy the agent's own caller ID over the one set above (an
+            # agent leg the app created has none: the supervisor saw "Anonymous").
+            await ari.dial(leg, caller=None if shown else call.agent_id, timeout_s=ring_timeout_s)
             dialled = time.monotonic()
             create_ms, stasis_ms, add_ms, dial_ms = (
                 round((b - a) * 1000, 1) for a, b in zip(steps, [*steps[1:], dialled], strict=True)

@@ -16,6 +16,7 @@ import time
 from .announcement import PlayOutcome
 from .ari import AriError, Channel, ChannelGone
 from .call import NOTICE_VAR, Call, CallDeps, CallState, _iso
+from .callerid import CallerId, agent_label, dialled_number, render
 from .events import now_iso
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,21 @@ class OutboundCall(Call):
         self._set_state(CallState.TALKING)
         await self._talk()
 
+    def leg_caller_id(self, kind: str, **extra: str) -> CallerId:
+        """As the inbound call's, but the customer is the one rung: their number is the dialled one."""
+        cfg = self.deps.cfg.callerid
+        agent = self.agent_channel
+        fields = {
+            "agent": agent_label(agent.name),
+            "agent_number": agent.caller_number,
+            "agent_name": agent.caller_name,
+            "caller_number": dialled_number(self.target),
+            "customer_number": dialled_number(self.target),
+            "call_id": self.call_id,
+            **extra,
+        }
+        return render(getattr(cfg, f"{kind}_name"), getattr(cfg, f"{kind}_number"), fields)
+
     def _caller_dict(self) -> dict[str, str]:
         return {"number": self.record.caller_number, "name": self.record.caller_name}
 
@@ -84,12 +100,17 @@ class OutboundCall(Call):
         if self.deps.claim_channel is not None:
             self.deps.claim_channel(customer_id, self)
         try:
+            shown = self.leg_caller_id("outbound")
             created = await ari.create_channel(
                 self.target,
                 channel_id=customer_id,
                 app_args=f"customer,{self.call_id}",
                 originator=agent,
-                variables={"KASUHARA_CALL_ID": self.call_id, "KASUHARA_ROLE": "customer"},
+                variables={
+                    "KASUHARA_CALL_ID": self.call_id,
+                    "KASUHARA_ROLE": "customer",
+                    **shown.variables(),
+                },
             )
         except ChannelGone:
             raise
@@ -103,7 +124,11 @@ class OutboundCall(Call):
         # (create and dial may go over different websockets, which Asterisk serves in different threads).
         await self.until_in_stasis(customer_id)
         timeout = self.deps.cfg.routing.dial_timeout_s
-        await ari.dial(customer_id, caller=agent, timeout_s=timeout)
+        # Dialling "from" the agent copies the agent's caller ID onto the customer's leg (what it showed
+        # before templates existed); a configured [callerid] outbound template must not be overwritten.
+        if not shown:
+            await self.repair_presented_id(self.agent_channel)
+        await ari.dial(customer_id, caller=None if shown else agent, timeout_s=timeout)
         self.emit("customer_ringing", target=self.target)
         deadline = time.monotonic() + timeout + 3
         while not self.channel_up(customer_id):

@@ -38,6 +38,7 @@ from typing import Any
 import aiomqtt
 
 from .ari import CONNECTED, AriClient, AriError, ChannelGone
+from .callerid import CallerId, agent_label, mode_label, render
 from .config import Config, MqttConfig
 from .events import EventSink, build_payload, encode, mqtt_tls_context, topic_for
 from .safe import safe_call_id
@@ -221,14 +222,37 @@ class SupervisionSession:
                     return channel
         raise CallNotFound(f"call {self.call_id} has no agent in its bridge yet")
 
+    async def _caller_id(self) -> CallerId:
+        """What the supervisor's phone shows: the mode, the agent and the customer (``[callerid]``)."""
+        assert self.agent is not None
+        fields = {"call_id": self.call_id, "mode": self.mode}
+        fields["mode_label"] = mode_label(self.mode, self.cfg.announcement.language)
+        with contextlib.suppress(AriError):
+            fields["agent"] = agent_label((await self.ari.get_channel(self.agent)).name)
+        # The customer's leg: the call's first channel (inbound) or the one the app dialled (outbound).
+        for customer in (self.call_id, f"{self.call_id}-customer"):
+            if customer == self.agent:
+                continue
+            with contextlib.suppress(AriError):
+                channel = await self.ari.get_channel(customer)
+                fields["caller_number"], fields["caller_name"] = channel.caller_number, channel.caller_name
+                break
+        cfg = self.cfg.callerid
+        return render(cfg.supervise_name, cfg.supervise_number, fields)
+
     async def _ring_supervisor(self) -> None:
         ari = self.ari
+        shown = await self._caller_id()
         await ari.create_channel(
             self.endpoint,
             channel_id=self.leg,
             app_args=f"supervise,{self.call_id},{self.mode}",
             originator=self.agent,
-            variables={"KASUHARA_CALL_ID": self.call_id, "KASUHARA_ROLE": f"supervisor-{self.mode}"},
+            variables={
+                "KASUHARA_CALL_ID": self.call_id,
+                "KASUHARA_ROLE": f"supervisor-{self.mode}",
+                **shown.variables(),
+            },
         )
         await self._until_in_stasis(self.leg)
         await ari.dial(self.leg, timeout_s=self.ring_timeout_s)

@@ -72,6 +72,8 @@ class Tone:
     beeps: int
     beep_ms: int
     gap_ms: int
+    #: Silence before and after, instead of ``settings.pad_ms``: a confirmation tone must start at once.
+    pad_ms: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,9 @@ class Prompt:
         """Hash of everything that decides this file's audio (but not the TTS engine's version)."""
         used = ["rate", "pad_ms", "peak_dbfs"]
         if isinstance(self.source, Tone):
-            source: Any = {"tone": dataclasses.asdict(self.source)}
+            # An unset pad_ms stays out of the hash, so tones that do not use it keep their key.
+            tone = {k: v for k, v in dataclasses.asdict(self.source).items() if v is not None}
+            source: Any = {"tone": tone}
         else:
             source = {"text": self.source}
             used += ["ja_speed"] if self.lang == "ja" else ["en_voice", "en_wpm"]
@@ -154,15 +158,18 @@ def load_texts(path: Path = TEXTS) -> tuple[Settings, list[Prompt]]:
             if set(entry) != {"tone"}:
                 raise PromptsError(f"{name}: a tone prompt has no ja/en text")
             spec = _typed(entry["tone"], dict, f"{name}.tone")
-            tone_fields = {f.name for f in dataclasses.fields(Tone)}
-            if set(spec) != tone_fields:
-                raise PromptsError(f"{name}.tone: needs exactly {', '.join(sorted(tone_fields))}")
+            tone_fields = {f.name for f in dataclasses.fields(Tone) if f.name != "pad_ms"}
+            if not tone_fields <= set(spec) <= tone_fields | {"pad_ms"}:
+                raise PromptsError(
+                    f"{name}.tone: needs exactly {', '.join(sorted(tone_fields))} (and optionally pad_ms)"
+                )
             tone = Tone(**{k: _typed(v, int, f"{name}.tone.{k}") for k, v in spec.items()})
             if not (
                 50 <= tone.hz <= 3400
                 and 1 <= tone.beeps <= 10
                 and 20 <= tone.beep_ms <= 2000
                 and 0 <= tone.gap_ms <= 2000
+                and (tone.pad_ms is None or 0 <= tone.pad_ms <= 2000)
             ):
                 raise PromptsError(f"{name}.tone: value out of range")
             prompts.extend(Prompt(name, lang, tone) for lang in LANGS)
@@ -338,7 +345,7 @@ def _english_raw(text: str, settings: Settings, raw: Path) -> str:
 def _tone(tone: Tone, out: Path, settings: Settings) -> str:
     beep, gap = tone.beep_ms / 1000, tone.gap_ms / 1000
     fade = min(0.01, beep / 4)
-    pad = f"{settings.pad_ms / 1000:.3f}"
+    pad = f"{(settings.pad_ms if tone.pad_ms is None else tone.pad_ms) / 1000:.3f}"
     # One beep plus a gap, repeated, minus the last gap; then the usual level and padding.
     effects = (
         f"synth {beep:.3f} sine {tone.hz} fade h {fade:.3f} {beep:.3f} {fade:.3f} pad 0 {gap:.3f} "

@@ -42,6 +42,13 @@ def missing(what: str) -> None:
     skip_or_fail(f"{what} (start it with: scripts/stack up)")
 
 
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released): a server that is down."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

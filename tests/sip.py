@@ -150,8 +150,15 @@ def caller(
     number: str = "-",
     timeout_s: int = 120,
     extra: Sequence[str] = (),
+    display_name: str = "caller",
+    name_header: str = "",
 ) -> Phone:
-    """The customer: dials ``exten``, talks ``call_ms`` after the answer, then hangs up (or takes a BYE)."""
+    """The customer: dials ``exten``, talks ``call_ms`` after the answer, then hangs up (or takes a BYE).
+
+    ``display_name`` goes into the From header as it is (a test may send a hostile one); ``name_header``
+    (percent-encoded) becomes the caller's name through the test dialplan's ``X-Test-Caller-Name``, for
+    names SIP cannot carry (a CR LF).
+    """
     port = free_udp_port(15000, 15999)
     phone = Phone(
         workdir,
@@ -191,12 +198,21 @@ def caller(
             *extra,
         ],
     )
-    if from_user != "caller":
-        # The same scenario as another SIP user (e.g. ``agent``, whose endpoint calls out).
+    if from_user != "caller" or display_name != "caller" or name_header:
+        # The same scenario as another SIP user (e.g. ``agent``, whose endpoint calls out), or with another
+        # display name.
         if not from_user.isalnum():
             raise ValueError(f"bad SIP user {from_user!r}")
+        if display_name == "caller":
+            display_name = from_user
         scenario = (SIPP_DIR / "uac.xml").read_text().replace("sip:caller@", f"sip:{from_user}@")
-        (phone.dir / "uac_as.xml").write_text(scenario.replace('"caller" <sip:', f'"{from_user}" <sip:'))
+        scenario = scenario.replace('"caller" <sip:', f'"{display_name}" <sip:')
+        if name_header:
+            marker = "      X-Test-Caller: [$caller_number]\n"
+            assert scenario.count(marker) == 1, "uac.xml changed: update caller()"
+            scenario = scenario.replace(marker, marker + f"      X-Test-Caller-Name: {name_header}\n")
+        # SIPp sends the scenario's bytes as they are (its XML says ISO-8859-1): UTF-8 names stay UTF-8.
+        (phone.dir / "uac_as.xml").write_bytes(scenario.encode("utf-8"))
         phone.args[phone.args.index("uac.xml")] = "uac_as.xml"
     return phone
 

@@ -22,18 +22,11 @@ from click.testing import CliRunner, Result
 from kasuhara_ari.cli import main
 from kasuhara_ari.storage import AUDIT_PREFIX, MinioStore
 
+from conftest import closed_port
 from recordings_seed import Seeded, all_versions, cli_env, hold, live_keys, read_json, seed
 from s3_fixture import S3Target, create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 
 TOKYO = ZoneInfo("Asia/Tokyo")
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(autouse=True)

@@ -18,13 +18,7 @@ from kasuhara_ari.events import MemoryEvents
 from kasuhara_ari.schemas import validate_event
 from kasuhara_ari.storage import MemoryStore
 
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
-    return port
+from conftest import closed_port
 
 
 async def test_record_is_stored_and_emitted() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,7 +22,7 @@ from kasuhara_ari.schemas import validate_event
 from kasuhara_ari.supervision import EVENT_FOR_MODE, CallNotFound, SupervisionSession, SupervisorUnavailable
 
 from audio import Capture, header_is_final
-from conftest import STACK_CONFIG
+from conftest import STACK_CONFIG, closed_port
 from escalation_helpers import (
     ABSENT,
     AGENT_HZ,
@@ -52,12 +51,6 @@ pytestmark = pytest.mark.integration
 def _clean_spool() -> Iterator[None]:
     yield
     clean_spool()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def at(event: dict[str, Any]) -> float:

@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
 
 import click
 
-from ..safe import SafeLogFormatter
-from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED
+from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, setup_logging
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "EXIT_REFUSED", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="kasuhara-ari")
-def main() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log more on stderr: -v INFO, -vv DEBUG (beats $KASUHARA_LOG_LEVEL and general.log_level). "
+    "Without it, admin commands log warnings and errors only; serve, agi and retention daemon log at "
+    "general.log_level.",
+)
+def main(verbose: int) -> None:
     """Harassment protection for Asterisk call centres: notice, recording, escalation, evidence.
 
     Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 refused (permission, hold).
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(SafeLogFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    # One line per HTTP request would drown the call log (and ARI URLs carry query strings).
-    for noisy in ("httpx", "httpcore", "websockets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(verbose)
 
 
 # Each command group lives in its own module; a module that is not there yet is simply not offered.

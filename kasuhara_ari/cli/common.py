@@ -1,14 +1,18 @@
-"""What every command shares: the ``--config`` option, exit codes, loading config with a clear error."""
+"""What every command shares: the ``--config`` option, exit codes, loading config with a clear error,
+and how loud the log is."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
 
 from ..config import Config, ConfigError, load
+from ..safe import SafeLogFormatter, printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -36,5 +40,84 @@ def load_config(config_path: str | None) -> Config:
     except ConfigError as exc:
         click.echo(f"kasuhara: configuration error: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None
-    logging.getLogger().setLevel(cfg.general.log_level.upper())
+    if is_service():
+        # general.log_level is the service's setting: checked and applied only where it means something.
+        configured = log_level_named(cfg.general.log_level, "general.log_level")
+        requested = _requested_level()
+        logging.getLogger().setLevel(requested if requested is not None else configured)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+LOG_LEVEL_ENV = "KASUHARA_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Commands that run until stopped: their log is what the operator reads (journald), so they log at
+#: general.log_level (default INFO). Every other command is a one-shot tool whose output is its result:
+#: it logs at WARNING unless -v or KASUHARA_LOG_LEVEL asks for more, whatever general.log_level says.
+SERVICE_COMMANDS = frozenset({"serve", "agi", "retention daemon"})
+#: Third-party loggers kept at WARNING at every level: one line per HTTP request would drown the call
+#: log, and ARI URLs carry query strings.
+QUIET_LIBRARIES = ("httpx", "httpcore", "websockets")
+_REQUESTED = "kasuhara.log_level"  # click's ctx.meta (shared by every context of one run)
+
+
+def log_level_named(name: str, source: str) -> int:
+    """A level name (any case) or exit 2 naming where the bad value came from."""
+    if name.strip().upper() in LOG_LEVELS:
+        level: int = logging.getLevelName(name.strip().upper())
+        return level
+    click.echo(
+        f"kasuhara: configuration error: {source} = '{printable(name, max_chars=40)}' is not a log level "
+        f"(one of {', '.join(LOG_LEVELS)})",
+        err=True,
+    )
+    raise SystemExit(EXIT_CONFIG)
+
+
+def requested_log_level(verbose: int, env: Mapping[str, str]) -> int | None:
+    """What the operator asked for on this run: -v (INFO) / -vv (DEBUG) beat KASUHARA_LOG_LEVEL; None
+    if neither was given. A bad KASUHARA_LOG_LEVEL exits 2 even when -v wins: it is a mistake to fix."""
+    raw = env.get(LOG_LEVEL_ENV, "")
+    from_env = log_level_named(raw, LOG_LEVEL_ENV) if raw.strip() else None
+    if verbose:
+        return logging.INFO if verbose == 1 else logging.DEBUG
+    return from_env
+
+
+def setup_logging(verbose: int) -> None:
+    """Called once per run by the ``kasuhara`` group, before any command: one stderr handler, and the
+    quiet default (WARNING) that a service raises to general.log_level when it loads its config."""
+    requested = requested_log_level(verbose, os.environ)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_REQUESTED] = requested
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeLogFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(handlers=[handler])  # no-op if the root has handlers already (tests, embedding)
+    root.setLevel(requested if requested is not None else logging.WARNING)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _requested_level() -> int | None:
+    ctx = click.get_current_context(silent=True)
+    level: int | None = ctx.meta.get(_REQUESTED) if ctx is not None else None
+    return level
+
+
+def is_service() -> bool:
+    """Whether the running command is one of SERVICE_COMMANDS (``retention daemon``: its path below the
+    ``kasuhara`` group). False outside a click command."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    chain: list[click.Context] = []
+    node: click.Context | None = ctx
+    while node is not None:
+        chain.append(node)
+        node = node.parent
+    chain.reverse()
+    below_group = chain[1:] if len(chain) > 1 else chain  # a command run on its own has no group above
+    return " ".join(c.command.name or "" for c in below_group) in SERVICE_COMMANDS

@@ -534,7 +534,7 @@ def list_cmd(
             if as_json:
                 click.echo("\n]" if count else "]")
             else:
-                click.echo(f"{count} recording(s)", err=True)
+                click.echo(f"{count} recording(s)")  # part of the result (stderr: errors only)
             for p in problems:
                 click.echo(f"warning: {printable(p.key, max_chars=300)}: {printable(p.problem)}", err=True)
             record = s.audit.new(
