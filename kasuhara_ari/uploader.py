@@ -874,9 +874,15 @@ class Uploader:
         return {cid for cid, t in self._track.items() if 0 < t.not_before <= now and cid not in self._active}
 
     async def wait_empty(self, poll_s: float = 0.1) -> None:
-        """Return once the spool holds no recording and no hold marker (for drains and tests)."""
+        """Return once the spool holds no recording and no hold marker and no upload is still finishing
+        (for drains and tests). An upload removes its local files *before* it emits ``recording_stored``:
+        an empty spool alone let a drain stop the uploader in between, and the event was lost."""
         while True:
-            if not await asyncio.to_thread(self.spool.scan) and not self._unwritten_holds:
+            if (
+                not self._active
+                and not self._unwritten_holds
+                and not await asyncio.to_thread(self.spool.scan)
+            ):
                 return
             await asyncio.sleep(poll_s)
 

@@ -241,6 +241,24 @@ async def test_upload_complete_recording(tmp_path: Path) -> None:
     assert (ev["key"], ev["bytes"], ev["sha256"]) == (keys.audio, len(audio), sha)
 
 
+async def test_draining_waits_for_the_event_of_an_upload_whose_files_are_gone(tmp_path: Path) -> None:
+    """The local files go before ``recording_stored`` is emitted; a drain that looked only at the spool
+    stopped the uploader in between and the event was lost (seen once on moto under load)."""
+    store, events = MemoryStore(), MemoryEvents()
+    put_recording(tmp_path, "call-1", audio=wav_bytes(1000))
+    uploader = make_uploader(tmp_path, store, events)
+    finish = uploader.spool.finish
+
+    def slow_finish(*args: Any) -> Any:
+        result = finish(*args)  # the files are gone now ...
+        time.sleep(0.5)  # ... and the event is not out yet
+        return result
+
+    uploader.spool.finish = slow_finish  # type: ignore[method-assign]
+    await run_until_empty(uploader)
+    assert [e["event"] for e in events.of("call-1")] == ["recording_stored"]
+
+
 async def test_a_new_recording_costs_two_requests(tmp_path: Path) -> None:
     """New since the uploader started: nothing can be in the bucket, and the ETags (the MD5 of what the
     server received) prove both objects, so nothing is read back."""
