@@ -129,6 +129,28 @@ def test_verbose_or_env_shows_the_log(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        ([], ["-v"], {"INFO"}),
+        ([], ["--verbose"], {"INFO"}),
+        ([], ["-vv"], {"INFO", "DEBUG"}),
+        (["-vv"], ["-v"], {"INFO", "DEBUG"}),  # the louder of the two
+        (["-v"], ["-vv"], {"INFO", "DEBUG"}),
+    ],
+)
+def test_verbose_after_the_command_works_too(
+    seeded: Seeded, before: list[str], after: list[str], expected: set[str]
+) -> None:
+    """People type options after the command (``kasuhara recordings list ... -v``)."""
+    result = run_cli(seeded.env, *before, *list_args(seeded), *after)
+    assert result.returncode == 0, result.stderr
+    assert levels(result.stderr) == expected, result.stderr
+    for cid in seeded.call_ids:
+        assert cid in result.stdout
+
+
+@pytest.mark.integration
 def test_env_level_error_is_quieter_than_the_default(seeded: Seeded) -> None:
     result = run_cli({**seeded.env, LOG_LEVEL_ENV: "ERROR"}, *list_args(seeded))
     assert result.returncode == 0, result.stderr

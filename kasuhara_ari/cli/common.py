@@ -23,6 +23,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def config_option(fn: F) -> F:
+    """``--config`` and ``-v``: every command takes both, so ``kasuhara doctor -v`` works as well as
+    ``kasuhara -v doctor`` (people put options after the command)."""
+    fn = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_verbose_callback,
+        help="Log more on stderr: -v INFO, -vv DEBUG (as `kasuhara -v`).",
+    )(fn)
     return click.option(
         "--config",
         "config_path",
@@ -31,6 +41,19 @@ def config_option(fn: F) -> F:
         help="TOML config file (default: $KASUHARA_CONFIG; every key can also come from "
         "KASUHARA_<SECTION>__<KEY>).",
     )(fn)
+
+
+def _verbose_callback(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+    """``-v`` given after the command: the louder of it and the group's ``-v``/KASUHARA_LOG_LEVEL."""
+    if not value:
+        return
+    level = requested_log_level(value, os.environ)
+    assert level is not None
+    current = ctx.meta.get(_REQUESTED)
+    if current is not None:
+        level = min(level, current)
+    ctx.meta[_REQUESTED] = level
+    logging.getLogger().setLevel(level)
 
 
 def load_config(config_path: str | None) -> Config:
