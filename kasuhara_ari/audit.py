@@ -53,10 +53,12 @@ from .storage import AUDIT_PREFIX, META_SHA256, ObjectStore, PreconditionFailed,
 log = logging.getLogger(__name__)
 
 AUDIT_SCHEMA = "kasuhara.audit/1"
-#: Every action that writes a record. ``purge`` is a retention run.
+#: Every action that writes a record. ``purge`` is a retention run; ``play`` is listening through a
+#: console (evidence/desk.py), audited apart from ``download``.
 ACTIONS = (
     "list",
     "show",
+    "play",
     "download",
     "export",
     "hold",

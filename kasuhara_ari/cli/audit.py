@@ -13,8 +13,8 @@ from ..audit import ACTIONS, AuditLog, AuditRecord, AuditVerifier, VerifyReport,
 from ..events import NullEvents
 from ..safe import json_for_terminal, printable
 from ..search import local_midnight
+from .admin import open_store, run_async, show_time, text, timezone_of, when
 from .common import EXIT_FAILED, EXIT_OK, config_option, load_config
-from .recordings import open_store, run_async, show_time, text, timezone_of, when
 
 
 @click.group()

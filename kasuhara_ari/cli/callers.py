@@ -8,9 +8,10 @@ import click
 
 from ..callers import ACTIONS, LIST_KEY, CallerList, CallerListError, make_entry
 from ..events import now_iso
+from ..evidence.desk import EvidenceDesk
 from ..storage import META_SHA256, PreconditionFailed
+from .admin import fail, open_store, run_async, session
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, config_option, load_config
-from .recordings import Session, audit_or_fail, fail, open_store, run_async, session
 
 
 @click.group()
@@ -24,7 +25,7 @@ def callers() -> None:
     """
 
 
-async def _load(s: Session) -> tuple[CallerList, str | None]:
+async def _load(s: EvidenceDesk) -> tuple[CallerList, str | None]:
     info = await s.store.stat(LIST_KEY)
     data = await s.store.get_bytes(LIST_KEY, max_bytes=4 * 1024 * 1024)
     if data is None:
@@ -35,7 +36,7 @@ async def _load(s: Session) -> tuple[CallerList, str | None]:
         fail(EXIT_FAILED, f"{LIST_KEY} in the bucket is broken: {exc}")
 
 
-async def _save(s: Session, current: CallerList, etag: str | None) -> None:
+async def _save(s: EvidenceDesk, current: CallerList, etag: str | None) -> None:
     """A conditional write: two admins changing the list at once cannot lose each other's entry."""
     import hashlib
 
@@ -60,7 +61,7 @@ async def _save(s: Session, current: CallerList, etag: str | None) -> None:
 def add(config_path: str | None, number: str, action: str, reason: str) -> None:
     """Add NUMBER to the list (or change its action)."""
     cfg = load_config(config_path)
-    store = open_store(cfg, role="admin", command="callers add", require=True)
+    store = open_store(cfg, role="admin", command="callers add", action="callers_add")
 
     async def go() -> str:
         async with session(cfg, store) as s:
@@ -70,12 +71,10 @@ def add(config_path: str | None, number: str, action: str, reason: str) -> None:
                 fail(EXIT_CONFIG, str(exc))
             current, etag = await _load(s)
             await _save(s, current.with_entry(entry), etag)
-            await audit_or_fail(
-                s,
+            await s.note(
                 s.audit.new(
                     "callers_add", reason=reason, target={"number": entry.number}, details={"action": action}
-                ),
-                strict=False,
+                )
             )
             return entry.number
 
@@ -91,7 +90,7 @@ def add(config_path: str | None, number: str, action: str, reason: str) -> None:
 def remove(config_path: str | None, number: str, reason: str) -> None:
     """Remove NUMBER from the list (exit 0 also when it was not listed)."""
     cfg = load_config(config_path)
-    store = open_store(cfg, role="admin", command="callers remove", require=True)
+    store = open_store(cfg, role="admin", command="callers remove", action="callers_remove")
 
     async def go() -> bool:
         async with session(cfg, store) as s:
@@ -100,11 +99,7 @@ def remove(config_path: str | None, number: str, reason: str) -> None:
             if listed is None:
                 return False
             await _save(s, current.without(number), etag)
-            await audit_or_fail(
-                s,
-                s.audit.new("callers_remove", reason=reason, target={"number": listed.number}),
-                strict=False,
-            )
+            await s.note(s.audit.new("callers_remove", reason=reason, target={"number": listed.number}))
             return True
 
     removed = run_async(cfg, go)

@@ -17,8 +17,8 @@ from ..signing import (
     read_public_key_file,
     verify_zip,
 )
+from .admin import finish, open_store, run_async, text
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, config_option, load_config
-from .recordings import finish, open_store, run_async, text
 
 
 @click.group()

@@ -17,8 +17,8 @@ from ..config import Config
 from ..retention import MAX_BATCH, LeaseLost, RetentionSweep, SweepReport, next_run, parse_daily_at
 from ..safe import json_for_terminal, printable
 from ..storage import MinioStore, StorageError
+from .admin import finish, open_store, run_async, show_time, timezone_of
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, config_option, load_config
-from .recordings import finish, open_store, run_async, show_time, timezone_of
 
 log = logging.getLogger(__name__)
 
