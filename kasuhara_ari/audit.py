@@ -67,6 +67,12 @@ ACTIONS = (
     "purge",
     "callers_add",
     "callers_remove",
+    # console accounts (kasuhara users): target = the user name, never a password or hash
+    "user_add",
+    "user_passwd",
+    "user_disable",
+    "user_enable",
+    "user_role",
 )
 _KEY_RE = re.compile(
     r"audit/(?P<y>[0-9]{4})/(?P<m>[0-9]{2})/(?P<d>[0-9]{2})/"

@@ -35,11 +35,14 @@ __all__ = [
     "printable",
     "safe_call_id",
     "safe_dtmf",
+    "safe_user_name",
 ]
 
 #: A call id: the linkedid of the call's first channel (``1732800000.123``) or anything of the same shape.
 CALL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DTMF_RE = re.compile(r"[0-9*#A-D]{1,32}")
+#: A console user name (kasuhara_ari.accounts): safe in JSON, logs, audit records and cookies.
+USER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 #: Caps for stored text. A SIP From header can carry kilobytes; evidence needs the start of it, not all.
 NAME_MAX_CHARS = 256
@@ -83,6 +86,19 @@ def safe_dtmf(value: object) -> str:
     """Return ``value`` if it is a DTMF sequence (``0-9 * # A-D``, 1–32 digits); raise otherwise."""
     if not isinstance(value, str) or _DTMF_RE.fullmatch(value) is None:
         raise UnsafeValueError(f"not a DTMF sequence {_show(value)}")
+    return value
+
+
+def safe_user_name(value: object) -> str:
+    """Return ``value`` if it is a console user name (``[a-z0-9][a-z0-9._-]{0,63}``); raise otherwise.
+
+    Lower case only, so ``Admin`` and ``admin`` can never be two accounts; never "fixed" (a fixed name
+    could be someone else's)."""
+    if not isinstance(value, str) or USER_NAME_RE.fullmatch(value) is None:
+        raise UnsafeValueError(
+            f"not a user name {_show(value)}: 1-64 characters a-z 0-9 . _ - (lower case), starting with "
+            "a letter or digit"
+        )
     return value
 
 

@@ -57,6 +57,8 @@ AUDIT_PREFIX = "audit/"
 RETENTION_PREFIX = "retention/"
 #: The admin-managed caller list (``callers/list.json``): admins write it, the call service reads it.
 CALLERS_PREFIX = "callers/"
+#: The console's accounts (``users/accounts.json``, kasuhara_ari.accounts): admins write, the console reads.
+USERS_PREFIX = "users/"
 HOLD_SCHEMA = "kasuhara.hold/1"
 #: User metadata on every object we write (sent as ``x-amz-meta-<name>``; ASCII only, never caller text).
 META_SHA256 = "sha256"
@@ -1892,11 +1894,13 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
 
     - ``service`` (``kasuhara serve``): creates recordings and hold records, reads metadata and hold
       records (idempotent retries), switches legal holds ON only; never reads audio, deletes, lifts a hold,
-      shortens a lock or bypasses governance.
+      shortens a lock or bypasses governance. The web console uses these keys too: it reads (never
+      writes) the console accounts under ``users/``.
     - ``retention``: lists, reads metadata, hold records and legal-hold states, deletes recording versions
       the object lock no longer protects, writes audit records and its chain head, reads and writes its
       lease and run journals under ``retention/``; no bypass, no holds.
-    - ``admin``: everything the CLI does on recordings, holds, audit and the caller list, and alone may
+    - ``admin``: everything the CLI does on recordings, holds, audit, the caller list and the console
+      accounts (``users/``: read and write, no delete), and alone may
       bypass governance retention (early deletion, with an audit record first); never deletes audit records.
     """
     arn = f"arn:aws:s3:::{bucket}"
@@ -1953,6 +1957,13 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Effect": "Allow",
                 "Action": ["s3:GetObject", "s3:GetObjectVersion"],
                 "Resource": metadata + objects(HOLDS_PREFIX, CALLERS_PREFIX),
+            },
+            {
+                # The console (`kasuhara web`, with these keys) checks logins; only admins change accounts.
+                "Sid": "ReadConsoleAccounts",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": objects(USERS_PREFIX),
             },
             {
                 "Sid": "SwitchHoldsOn",
@@ -2055,7 +2066,13 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                     "s3:ListMultipartUploadParts",
                 ],
                 "Resource": objects(
-                    RECORDINGS_PREFIX, HOLDS_PREFIX, AUDIT_PREFIX, chains, CALLERS_PREFIX, RETENTION_PREFIX
+                    RECORDINGS_PREFIX,
+                    HOLDS_PREFIX,
+                    AUDIT_PREFIX,
+                    chains,
+                    CALLERS_PREFIX,
+                    RETENTION_PREFIX,
+                    USERS_PREFIX,
                 ),
             },
             {

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from kasuhara_ari.accounts import ACCOUNTS_KEY, Accounts, Role, password_hasher
 from kasuhara_ari.storage import HoldRecord, MinioStore, StorageError, policy_documents, recording_keys
 
 from conftest import REPO, STACK_DIR, skip_or_fail
@@ -356,6 +357,38 @@ async def test_role_matrix_is_enforced_by_the_server(
             False,
             lambda: _multi_delete(admin, bucket, "audit/2026/01/05/test-matrix.json", audit_vid, bypass=True),
         )
+
+        # The console's accounts (users/accounts.json): admins write, the console (service key) reads.
+        fast = password_hasher(time_cost=1, memory_cost=1024, parallelism=1)
+        await m.check(
+            "admin",
+            "add a console user (write users/accounts.json)",
+            True,
+            lambda: Accounts(admin, hasher=fast).add("matrix-admin", Role.ADMIN, "matrix passphrase"),
+        )
+        await m.check(
+            "service",
+            "read the console users (the console's login)",
+            True,
+            lambda: Accounts(service, hasher=fast).get("matrix-admin"),
+        )
+        await m.check(
+            "service",
+            "write users/accounts.json",
+            False,
+            lambda: service.put_bytes(ACCOUNTS_KEY, b"{}", metadata={}),
+        )
+        await m.check(
+            "retention", "read users/accounts.json", False, lambda: retention.get_bytes(ACCOUNTS_KEY)
+        )
+        await m.check(
+            "retention",
+            "write users/accounts.json",
+            False,
+            lambda: retention.put_bytes(ACCOUNTS_KEY, b"{}", metadata={}),
+        )
+        found = await Accounts(admin, hasher=fast).get("matrix-admin")
+        assert found is not None and found.role is Role.ADMIN, "the denied writes changed nothing"
     finally:
         for s in (service, retention, admin):
             s.close()

@@ -42,6 +42,7 @@ for _module, _attr in (
     ("agi", "agi"),
     ("callers", "callers"),
     ("supervise", "supervise"),
+    ("users", "users"),
 ):
     try:
         _mod = importlib.import_module(f"{__name__}.{_module}")

@@ -81,6 +81,7 @@ PERMITS: Mapping[str, frozenset[Role]] = {
     "delete": _ADMIN,
     "callers_add": _ADMIN,
     "callers_remove": _ADMIN,
+    "users_admin": _ADMIN,  # kasuhara users add/passwd/disable/enable/role (console accounts)
 }
 
 
