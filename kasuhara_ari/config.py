@@ -216,6 +216,27 @@ class GeneralConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``kasuhara web``, the browser console (see kasuhara_ari/web)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 8090
+    #: A session ends after this long without a request, and in any case this long after login.
+    session_idle_s: int = 1800
+    session_max_s: int = 43200
+    #: Served through a TLS reverse proxy: cookies are Secure, the expected origin is https, and the
+    #: client address comes from X-Forwarded-For sent by ``trusted_proxies`` (default 127.0.0.1).
+    behind_tls_proxy: bool = False
+    #: Serve plain http on a non-loopback address anyway (passwords and cookies in clear text).
+    allow_insecure_bind: bool = False
+    #: Addresses or CIDR networks of the reverse proxies whose forwarding headers are believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Failed logins per account and per client address within the window before 429.
+    login_max_failures: int = 5
+    login_window_s: int = 900
+
+
+@dataclass(frozen=True)
 class Config:
     ari: AriConfig = field(default_factory=AriConfig)
     ami: AmiConfig = field(default_factory=AmiConfig)
@@ -231,6 +252,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     general: GeneralConfig = field(default_factory=GeneralConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: str = field(default="", compare=False)
 
     def redacted(self) -> dict[str, dict[str, Any]]:
@@ -362,6 +384,7 @@ def _validate(cfg: Config) -> None:
     _validate_agi(cfg.agi)
     _validate_callerid(cfg.callerid)
     _validate_mqtt_tls(cfg.mqtt)
+    _validate_web(cfg.web)
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
@@ -397,6 +420,20 @@ def _validate_mqtt_tls(mqtt: MqttConfig) -> None:
             raise ConfigError(f"mqtt.{name}: {value!r} is not a readable file")
 
 
+def _validate_web(web: WebConfig) -> None:
+    """The console's limits and proxy list (``kasuhara web``); whether its bind is safe is the CLI's call."""
+    if not 0 < web.port < 65536:
+        raise ConfigError(f"web.port: {web.port} is not a TCP port")
+    if not web.bind.strip():
+        raise ConfigError("web.bind: must be an address such as 127.0.0.1")
+    for name in ("session_idle_s", "session_max_s", "login_max_failures", "login_window_s"):
+        if getattr(web, name) < 1:
+            raise ConfigError(f"web.{name}: must be at least 1, got {getattr(web, name)}")
+    if web.session_idle_s > web.session_max_s:
+        raise ConfigError("web.session_idle_s: must not exceed web.session_max_s")
+    _check_networks("web.trusted_proxies", web.trusted_proxies)
+
+
 def _validate_agi(agi: AgiConfig) -> None:
     """The FastAGI server's limits and allow-list (``kasuhara agi``)."""
     for name in ("max_sessions", "max_sessions_per_peer"):
@@ -408,12 +445,17 @@ def _validate_agi(agi: AgiConfig) -> None:
     for name in ("env_timeout_s", "command_timeout_s", "notice_timeout_s", "reconcile_interval_s"):
         if not getattr(agi, name) > 0:
             raise ConfigError(f"agi.{name}: must be positive, got {getattr(agi, name)}")
-    for peer in agi.allowed_peers:
+    _check_networks("agi.allowed_peers", agi.allowed_peers)
+
+
+def _check_networks(key: str, values: tuple[str, ...]) -> None:
+    """Each value an IP address or CIDR network, or a ConfigError that shows it safely."""
+    for value in values:
         try:
-            ipaddress.ip_network(peer.strip(), strict=False)
+            ipaddress.ip_network(value.strip(), strict=False)
         except ValueError:
-            shown = peer if peer.isprintable() and len(peer) <= 64 else repr(peer[:64])
-            raise ConfigError(f"agi.allowed_peers: {shown!r} is not an IP address or network") from None
+            shown = value if value.isprintable() and len(value) <= 64 else repr(value[:64])
+            raise ConfigError(f"{key}: {shown!r} is not an IP address or network") from None
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:

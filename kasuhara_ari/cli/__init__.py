@@ -43,6 +43,7 @@ for _module, _attr in (
     ("callers", "callers"),
     ("supervise", "supervise"),
     ("users", "users"),
+    ("web", "web"),
 ):
     try:
         _mod = importlib.import_module(f"{__name__}.{_module}")

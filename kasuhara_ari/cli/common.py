@@ -78,7 +78,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Commands that run until stopped: their log is what the operator reads (journald), so they log at
 #: general.log_level (default INFO). Every other command is a one-shot tool whose output is its result:
 #: it logs at WARNING unless -v or KASUHARA_LOG_LEVEL asks for more, whatever general.log_level says.
-SERVICE_COMMANDS = frozenset({"serve", "agi", "retention daemon"})
+SERVICE_COMMANDS = frozenset({"serve", "agi", "retention daemon", "web"})
 #: Third-party loggers kept at WARNING at every level: one line per HTTP request would drown the call
 #: log, and ARI URLs carry query strings.
 QUIET_LIBRARIES = ("httpx", "httpcore", "websockets")

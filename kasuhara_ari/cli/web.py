@@ -1,0 +1,85 @@
+"""``kasuhara web``: the browser console (login and sessions so far; the board and recordings follow)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import click
+
+from ..config import Config
+from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether only this host can reach ``bind`` (``localhost`` counts; any other name does not)."""
+    host = bind.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_refusal(cfg: Config) -> str | None:
+    """Why the console must not start on this address, or None: passwords and session cookies would
+    cross the network in clear text unless TLS is in front or the operator says otherwise."""
+    web = cfg.web
+    if is_loopback(web.bind) or web.behind_tls_proxy or web.allow_insecure_bind:
+        return None
+    return (
+        f"web.bind = {web.bind!r} is not a loopback address, and the console speaks plain http: "
+        "put it behind a TLS reverse proxy (web.behind_tls_proxy = true) or set "
+        "web.allow_insecure_bind = true to accept passwords in clear text"
+    )
+
+
+@click.command()
+@config_option
+def web(config_path: str | None) -> None:
+    """Serve the browser console on [web] bind/port (default 127.0.0.1:8090).
+
+    Refuses (exit 2) a non-loopback bind unless web.behind_tls_proxy or web.allow_insecure_bind.
+    Accounts are read from the bucket with the [storage] keys (kasuhara users add ...).
+    """
+    import uvicorn
+
+    from ..accounts import Accounts
+    from ..storage import MinioStore, StorageSetupError
+    from ..web import create_app
+
+    cfg = load_config(config_path)
+    refusal = bind_refusal(cfg)
+    if refusal is not None:
+        click.echo(f"kasuhara web: configuration error: {refusal}", err=True)
+        raise SystemExit(EXIT_CONFIG)
+    try:
+        store = MinioStore.from_config(cfg.storage)
+    except StorageSetupError as exc:
+        click.echo(f"kasuhara web: configuration error: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
+    app = create_app(cfg, Accounts(store))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=cfg.web.bind,
+            port=cfg.web.port,
+            # X-Forwarded-For/-Proto only from the reverse proxies named (default: one on this host).
+            proxy_headers=cfg.web.behind_tls_proxy,
+            forwarded_allow_ips=list(cfg.web.trusted_proxies) or ["127.0.0.1"],
+            server_header=False,
+            access_log=False,  # the console logs its own events; request lines carry query strings
+            log_config=None,  # the kasuhara log handler (stderr, escaped)
+            lifespan="off",
+        )
+    )
+    click.echo(f"kasuhara web: starting on http://{cfg.web.bind}:{cfg.web.port}/", err=True)
+    try:
+        asyncio.run(server.serve())
+    except SystemExit as exc:
+        # uvicorn exits 3 when it cannot listen; 3 means "refused" here, so it becomes 1 (failed).
+        if exc.code in (None, 0):
+            raise
+        click.echo(f"kasuhara web: failed: cannot listen on {cfg.web.bind}:{cfg.web.port}", err=True)
+        raise SystemExit(EXIT_FAILED) from None
