@@ -242,8 +242,15 @@ async def test_without_an_answer_to_the_probe_rest_stays_on_http(asterisk: Confi
                 async for msg in upstream:
                     await client_ws.send(msg)
 
-            with contextlib.suppress(websockets.ConnectionClosed):
-                await asyncio.gather(up(), down())
+            # Either side closing ends the relay: with gather(), a client that closed cleanly left down()
+            # reading the Asterisk side forever, and the server's exit waited on it (a hung run, seen once).
+            tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(websockets.ConnectionClosed, asyncio.CancelledError):
+                    await task
 
     monkeypatch.setattr(ari_module, "PROBE_TIMEOUT_S", 0.5)
     async with websockets.serve(relay, "127.0.0.1", 0) as server:

@@ -76,9 +76,12 @@ async def escalate_and_capture(
     agent = await agent_pressing(sip_workdir, port, [(1000, "*9")]).start()
     phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=12000, **caller_kwargs).start()
     pcap = tmp_path / "lo.pcap"
-    async with Capture(pcap, "udp port " + str(sup_port)):
-        call_id = await wait_for_event(service, port, "supervisor_joined")
-        await all_finish(phone, agent, supervisor)
+    try:
+        async with Capture(pcap, "udp port " + str(sup_port)):
+            call_id = await wait_for_event(service, port, "supervisor_joined")
+            await all_finish(phone, agent, supervisor)
+    finally:
+        await stop_all(phone, agent, supervisor)  # a failed wait must not leave phones running
     await wait_ended(service, call_id)
     (invite,) = invites_to(pcap, sup_port)
     return invite, call_id
@@ -185,8 +188,11 @@ async def test_outbound_customer_sees_the_configured_caller_id(
         number="0501234567",
     )
     pcap = tmp_path / "lo.pcap"
-    async with Capture(pcap, "udp port " + str(port)):
-        await agent.start()
-        await all_finish(agent, customer)
+    try:
+        async with Capture(pcap, "udp port " + str(port)):
+            await agent.start()
+            await all_finish(agent, customer)
+    finally:
+        await stop_all(agent, customer)
     (invite,) = invites_to(pcap, port)
     assert shown(invite) == expected
