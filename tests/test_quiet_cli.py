@@ -89,6 +89,16 @@ def test_recordings_list_prints_the_list_and_nothing_on_stderr(seeded: Seeded) -
 
 
 @pytest.mark.integration
+def test_audit_list_and_verify_print_their_counts_on_stdout_and_nothing_on_stderr(seeded: Seeded) -> None:
+    listed = run_cli(seeded.env, "audit", "list", "--from", seeded.day)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stderr == "" and " record(s)" in listed.stdout, (listed.stdout, listed.stderr)
+    verified = run_cli(seeded.env, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stderr == "" and "chain(s): intact" in verified.stdout, (verified.stdout, verified.stderr)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("configured", ["DEBUG", "chatty"])
 def test_general_log_level_does_not_make_admin_commands_chatty(seeded: Seeded, configured: str) -> None:
     """general.log_level is the services' setting (a DEBUG service config shared with the admin CLI):

@@ -112,7 +112,7 @@ def list_cmd(
             if as_json:
                 click.echo("\n]" if count else "]")
             else:
-                click.echo(f"{count} record(s)", err=True)
+                click.echo(f"{count} record(s)")  # part of the result, as for recordings list
             for key, problem in problems:
                 click.echo(f"warning: {printable(key, max_chars=300)}: {printable(problem)}", err=True)
         finally:
@@ -170,5 +170,5 @@ def verify_cmd(config_path: str | None, start: str | None, end: str | None, as_j
         for f in report.findings:
             click.echo(f"{f.kind.upper():<13} {text(f.key, 120)}  {text(f.detail, 200)}")
         verdict = "intact" if report.ok else f"{len(report.findings)} problem(s)"
-        click.echo(f"{report.records} record(s) in {len(report.chains)} chain(s): {verdict}", err=True)
+        click.echo(f"{report.records} record(s) in {len(report.chains)} chain(s): {verdict}")
     raise SystemExit(EXIT_OK if report.ok else EXIT_FAILED)
