@@ -19,6 +19,8 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .safe import INVISIBLE_CATEGORIES
+
 __all__ = [
     "FIELDS",
     "NAME_MAX_BYTES",
@@ -49,9 +51,6 @@ NAME_MAX_BYTES = 80
 NUMBER_MAX_CHARS = 32
 
 _NUMBER_CHARS = re.compile(r"[^0-9+*#]")
-#: Characters that are never useful in a display name: they are removed, not escaped, because an escape
-#: (``\\x0d``) shown on a phone's screen means nothing to a supervisor.
-_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _MODE_LABELS = {
     "ja": {"listen": "モニター", "whisper": "ウィスパー", "barge": "割込み"},
     "en": {"listen": "Listen", "whisper": "Whisper", "barge": "Barge"},
@@ -115,7 +114,7 @@ def clean_display_name(value: object) -> str:
         if ch in '"\\':
             continue
         category = unicodedata.category(ch)
-        if category in _DROPPED_CATEGORIES:
+        if category in INVISIBLE_CATEGORIES:  # removed, not escaped: "\\x0d" on a phone means nothing
             kept.append(" ")  # a CR LF between two words still separates them
         elif category.startswith("Z"):
             kept.append(" ")
@@ -168,12 +167,12 @@ def repairs(name: str, number: str) -> dict[str, str]:
     """
     fixes: dict[str, str] = {}
     if (
-        any(unicodedata.category(ch) in _DROPPED_CATEGORIES for ch in name)
+        any(unicodedata.category(ch) in INVISIBLE_CATEGORIES for ch in name)
         or len(name.encode()) > NAME_MAX_BYTES
     ):
         fixes["CALLERID(name)"] = clean_display_name(name)
     if (
-        any(unicodedata.category(ch) in _DROPPED_CATEGORIES for ch in number)
+        any(unicodedata.category(ch) in INVISIBLE_CATEGORIES for ch in number)
         or len(number) > NUMBER_MAX_CHARS
     ):
         fixes["CALLERID(num)"] = clean_display_number(number)

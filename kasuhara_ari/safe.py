@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "CALL_ID_RE",
+    "INVISIBLE_CATEGORIES",
     "SafeLogFormatter",
     "UnsafeValueError",
     "UntrustedJsonError",
@@ -52,7 +53,7 @@ REASON_MAX_CHARS = 1000
 #: Unicode categories that are invisible or change how text around them is shown (controls, format
 #: characters such as bidi overrides and zero-width joiners, line/paragraph separators, surrogates,
 #: private use, unassigned).
-_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class UnsafeValueError(ValueError):
@@ -112,7 +113,8 @@ def _escape_char(ch: str) -> str:
 
 
 def _escape(text: str) -> str:
-    return "".join(_escape_char(ch) if unicodedata.category(ch) in _ESCAPED_CATEGORIES else ch for ch in text)
+    invisible = INVISIBLE_CATEGORIES
+    return "".join(_escape_char(ch) if unicodedata.category(ch) in invisible else ch for ch in text)
 
 
 def clean_caller_text(value: object, *, max_chars: int = NAME_MAX_CHARS) -> str | None:
@@ -196,7 +198,7 @@ def json_for_terminal(doc: object, *, indent: int | None = None) -> str:
     text = json.dumps(doc, ensure_ascii=False, indent=indent, separators=separators, default=str)
     # A raw newline can only be the indentation's (json.dumps escapes those inside strings).
     return "".join(
-        _json_escape(ch) if ch != "\n" and unicodedata.category(ch) in _ESCAPED_CATEGORIES else ch
+        _json_escape(ch) if ch != "\n" and unicodedata.category(ch) in INVISIBLE_CATEGORIES else ch
         for ch in text
     )
 
