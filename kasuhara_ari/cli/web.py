@@ -41,12 +41,15 @@ def web(config_path: str | None) -> None:
     """Serve the browser console on [web] bind/port (default 127.0.0.1:8090).
 
     Refuses (exit 2) a non-loopback bind unless web.behind_tls_proxy or web.allow_insecure_bind.
-    Accounts are read from the bucket with the [storage] keys (kasuhara users add ...).
+    Accounts and recordings are read with the [admin] S3 keys when set, else the [storage] keys (which
+    cannot read audio: playback and the admin actions then fail at the S3 server).
     """
     import uvicorn
 
     from ..accounts import Accounts
+    from ..events import NullEvents
     from ..storage import MinioStore, StorageSetupError
+    from ..supervision import SessionEvents
     from ..web import create_app
 
     cfg = load_config(config_path)
@@ -54,12 +57,21 @@ def web(config_path: str | None) -> None:
     if refusal is not None:
         click.echo(f"kasuhara web: configuration error: {refusal}", err=True)
         raise SystemExit(EXIT_CONFIG)
+    access, secret = cfg.admin.access_key, cfg.admin.secret_key
+    if not (access and secret):
+        access, secret = cfg.storage.access_key, cfg.storage.secret_key
     try:
-        store = MinioStore.from_config(cfg.storage)
+        store = MinioStore.from_config(
+            cfg.storage, access_key=access, secret_key=secret, read_timeout_s=60.0, pool_size=32
+        )
     except StorageSetupError as exc:
         click.echo(f"kasuhara web: configuration error: {exc}", err=True)
         raise SystemExit(EXIT_CONFIG) from None
-    app = create_app(cfg, Accounts(store))
+    # Audit events of the console's actions (the records themselves are in S3 whatever MQTT does).
+    events = SessionEvents(cfg.mqtt) if cfg.mqtt.enabled else None
+    app = create_app(cfg, Accounts(store), store=store, events=events or NullEvents())
+    if events is not None:
+        app.state.console.background.append(events.run)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -71,7 +83,7 @@ def web(config_path: str | None) -> None:
             server_header=False,
             access_log=False,  # the console logs its own events; request lines carry query strings
             log_config=None,  # the kasuhara log handler (stderr, escaped)
-            lifespan="off",
+            lifespan="on",  # the pages' background work (board feed, audit events) starts with the app
         )
     )
     click.echo(f"kasuhara web: starting on http://{cfg.web.bind}:{cfg.web.port}/", err=True)

@@ -7,7 +7,11 @@ from our own page (CSRF token and Origin), and what the role may do (the evidenc
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -24,6 +28,8 @@ from . import auth, board, recordings
 from .console import STATIC_DIR, Console
 from .security import SecurityHeaders
 from .sessions import Clock
+
+log = logging.getLogger(__name__)
 
 
 async def healthz(request: Request) -> Response:
@@ -48,8 +54,22 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, follow_symlink=False), name="static"),
     ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(work(), name=f"web-{i}") for i, work in enumerate(console.background)]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for result in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(result, Exception):
+                    log.error("web event=background_failed error=%s", type(result).__name__)
+
     app = Starlette(
         routes=routes,
+        lifespan=lifespan,
         exception_handlers={HTTPException: console.http_error, Exception: console.server_error},
     )
     app.add_middleware(SecurityHeaders)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -73,6 +74,9 @@ class Console:
         #: them answer 503; the login tests run without).
         self.store = store
         self.events = events
+        #: Long-running work of the pages (e.g. the board's MQTT feed): started with the app (ASGI
+        #: lifespan), cancelled at shutdown. A page module appends to it in its ``routes()``.
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.sessions = SessionStore(idle_s=cfg.web.session_idle_s, max_s=cfg.web.session_max_s, clock=clock)
         self.limiter = LoginLimiter(
             max_failures=cfg.web.login_max_failures, window_s=cfg.web.login_window_s, clock=clock
