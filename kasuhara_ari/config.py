@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -234,6 +235,10 @@ class WebConfig:
     #: Failed logins per account and per client address within the window before 429.
     login_max_failures: int = 5
     login_window_s: int = 900
+    #: Single sign-on: the request header in which the reverse proxy names the user it authenticated
+    #: (e.g. ``X-Forwarded-User``); believed only from ``trusted_proxies`` (which must then be set), and
+    #: only for an enabled local account (its role is the local one). Empty: off.
+    sso_header: str = ""
 
 
 @dataclass(frozen=True)
@@ -420,6 +425,12 @@ def _validate_mqtt_tls(mqtt: MqttConfig) -> None:
             raise ConfigError(f"mqtt.{name}: {value!r} is not a readable file")
 
 
+#: Headers a browser or the HTTP layer sets: naming the user in one of them would let anyone sign in.
+_NOT_SSO_HEADERS = frozenset(
+    {"cookie", "host", "origin", "referer", "user-agent", "content-type", "content-length", "x-forwarded-for"}
+)
+
+
 def _validate_web(web: WebConfig) -> None:
     """The console's limits and proxy list (``kasuhara web``); whether its bind is safe is the CLI's call."""
     if not 0 < web.port < 65536:
@@ -432,6 +443,16 @@ def _validate_web(web: WebConfig) -> None:
     if web.session_idle_s > web.session_max_s:
         raise ConfigError("web.session_idle_s: must not exceed web.session_max_s")
     _check_networks("web.trusted_proxies", web.trusted_proxies)
+    if web.sso_header:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", web.sso_header):
+            raise ConfigError(f"web.sso_header: {web.sso_header!r} is not an HTTP header name")
+        if web.sso_header.lower() in _NOT_SSO_HEADERS:
+            raise ConfigError(f"web.sso_header: {web.sso_header!r} is not a header a proxy can own")
+        if not web.trusted_proxies:
+            raise ConfigError(
+                "web.sso_header needs web.trusted_proxies: the addresses of the reverse proxies that set "
+                "it (from anywhere else the header is ignored)"
+            )
 
 
 def _validate_agi(agi: AgiConfig) -> None:

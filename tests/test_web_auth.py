@@ -50,7 +50,7 @@ class Console:
 
 
 @contextlib.asynccontextmanager
-async def serve(web: WebConfig | None = None) -> AsyncIterator[Console]:
+async def serve(web: WebConfig | None = None, *, uvicorn_proxy: bool = True) -> AsyncIterator[Console]:
     """The app under uvicorn on a free loopback port; X-Forwarded-For believed from 127.0.0.1 only (as
     `kasuhara web` does behind a proxy), so tests can speak for several client addresses."""
     cfg = dataclasses.replace(Config(), web=web or WebConfig())
@@ -67,7 +67,9 @@ async def serve(web: WebConfig | None = None) -> AsyncIterator[Console]:
         log_config=None,
         access_log=False,
         lifespan="off",
-        proxy_headers=True,
+        # uvicorn's own forwarding (test plumbing to speak for several client addresses); off where the
+        # console's own handling (web.trusted_proxies, SSO) is under test, as `kasuhara web` runs it.
+        proxy_headers=uvicorn_proxy,
         forwarded_allow_ips=["127.0.0.1"],
     )
     server = uvicorn.Server(config)
@@ -682,3 +684,100 @@ def test_kasuhara_web_allows_a_public_bind_behind_a_tls_proxy_or_with_the_overri
         WebConfig(bind="localhost"),
     ):
         assert bind_refusal(dataclasses.replace(Config(), web=web)) is None, web
+
+
+# --- single sign-on through a trusted reverse proxy (web.sso_header) -------------------------------------
+
+SSO = "X-Forwarded-User"
+
+
+@contextlib.asynccontextmanager
+async def sso_console(trusted: tuple[str, ...] = ("127.0.0.1",)) -> AsyncIterator[Console]:
+    async with serve(WebConfig(sso_header=SSO, trusted_proxies=trusted), uvicorn_proxy=False) as c:
+        yield c
+
+
+def test_sso_header_needs_trusted_proxies_and_a_header_a_proxy_owns() -> None:
+    with pytest.raises(ConfigError, match=r"web\.sso_header needs web\.trusted_proxies"):
+        load(env={"KASUHARA_WEB__SSO_HEADER": SSO})
+    for bad in ("Cookie", "X-Forwarded-For", "X User", "a:b", "x" * 65):
+        with pytest.raises(ConfigError, match=r"web\.sso_header"):
+            load(env={"KASUHARA_WEB__SSO_HEADER": bad, "KASUHARA_WEB__TRUSTED_PROXIES": "127.0.0.1"})
+    cfg = load(env={"KASUHARA_WEB__SSO_HEADER": SSO, "KASUHARA_WEB__TRUSTED_PROXIES": "10.0.0.5"})
+    assert cfg.web.sso_header == SSO
+
+
+async def test_sso_signs_in_the_local_account_the_proxy_names_with_its_local_role() -> None:
+    async with sso_console() as console, console.client() as client:
+        first = await client.get("/", headers={SSO: "super1"})
+        assert first.status_code == 303 and first.headers["location"].startswith("/login?next=")
+        signed = await client.get(first.headers["location"], headers={SSO: "super1"})
+        assert signed.status_code == 303 and signed.headers["location"] == "/"
+        assert "kasuhara_session=" in set_cookie_header(signed, "kasuhara_session")
+        board = await client.get("/", headers={SSO: "super1"})
+        assert board.status_code == 200
+        assert "super1" in board.text and "role-supervisor" in board.text
+
+
+async def test_sso_refuses_unknown_and_disabled_users_and_never_creates_one() -> None:
+    async with sso_console() as console, console.client() as client:
+        unknown = await client.get("/login", headers={SSO: "mallory"})
+        assert unknown.status_code == 403
+        assert "kasuhara_session" not in unknown.headers.get("set-cookie", "")
+        assert await console.accounts.get("mallory") is None
+        console.accounts.set_disabled("admin1", True)
+        disabled = await client.get("/login", headers={SSO: "admin1"})
+        assert disabled.status_code == 403
+        hostile = await client.get("/login", headers={SSO: "../admin1"})
+        assert hostile.status_code == 200 and 'name="password"' in hostile.text  # ignored: the form
+
+
+async def test_sso_header_from_an_address_that_is_not_a_trusted_proxy_is_ignored() -> None:
+    # The test client connects from 127.0.0.1, which is not the configured proxy: its header is a claim.
+    async with sso_console(trusted=("10.0.0.5",)) as console, console.client() as client:
+        page = await client.get("/login", headers={SSO: "admin1"})
+        assert page.status_code == 200 and 'name="password"' in page.text
+        assert "kasuhara_session=" not in page.headers.get("set-cookie", "")
+        board = await client.get("/", headers={SSO: "admin1"})
+        assert board.status_code == 303
+
+
+async def test_sso_session_ends_when_the_proxy_names_another_user() -> None:
+    async with sso_console() as console, console.client() as client:
+        await client.get("/login", headers={SSO: "admin1"})
+        assert (await client.get("/", headers={SSO: "admin1"})).status_code == 200
+        # Same cookie, another user at the proxy: the admin's session must not serve the viewer.
+        switched = await client.get("/", headers={SSO: "viewer1"})
+        assert switched.status_code == 303
+        again = await client.get("/", headers={SSO: "admin1"})
+        assert again.status_code == 303  # the old session was dropped, not kept for later
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
+    """The console's own X-Forwarded-For handling (uvicorn's is off in `kasuhara web`): lockouts per
+    client address follow the forwarded address from a trusted proxy and the peer's otherwise."""
+    async with (
+        serve(
+            WebConfig(trusted_proxies=("127.0.0.1",), login_max_failures=2), uvicorn_proxy=False
+        ) as console,
+        console.client() as client,
+    ):
+        for _ in range(2):
+            r = await login(client, "nobody1", "wrong", headers={"x-forwarded-for": "203.0.113.7"})
+            assert r.status_code == 401
+        locked = await login(client, "viewer1", headers={"x-forwarded-for": "203.0.113.7"})
+        assert locked.status_code == 429
+        # Spoofed hops left of the proxy's own entry do not change who the client is.
+        spoofed = await login(client, "viewer1", headers={"x-forwarded-for": "198.51.100.1, 203.0.113.7"})
+        assert spoofed.status_code == 429
+        other = await login(client, "viewer1", headers={"x-forwarded-for": "203.0.113.8"})
+        assert other.status_code == 303
+    async with (
+        serve(WebConfig(trusted_proxies=("10.0.0.5",), login_max_failures=2), uvicorn_proxy=False) as console,
+        console.client() as client,
+    ):
+        for i in range(2):
+            await login(client, "nobody1", "wrong", headers={"x-forwarded-for": f"203.0.113.{i}"})
+        # Not from the trusted proxy: the header is ignored and both failures counted for 127.0.0.1.
+        locked = await login(client, "viewer1", headers={"x-forwarded-for": "203.0.113.99"})
+        assert locked.status_code == 429

@@ -77,9 +77,9 @@ def web(config_path: str | None) -> None:
             app,
             host=cfg.web.bind,
             port=cfg.web.port,
-            # X-Forwarded-For/-Proto only from the reverse proxies named (default: one on this host).
-            proxy_headers=cfg.web.behind_tls_proxy,
-            forwarded_allow_ips=list(cfg.web.trusted_proxies) or ["127.0.0.1"],
+            # X-Forwarded-For/-Proto are the app's (web.security.ProxiedClient): uvicorn's own handling
+            # would replace the proxy's address, which single sign-on must see.
+            proxy_headers=False,
             server_header=False,
             access_log=False,  # the console logs its own events; request lines carry query strings
             log_config=None,  # the kasuhara log handler (stderr, escaped)

@@ -26,7 +26,7 @@ from ..events import EventSink
 from ..storage import ObjectStore
 from . import auth, board, recordings
 from .console import STATIC_DIR, Console
-from .security import SecurityHeaders
+from .security import ProxiedClient, SecurityHeaders
 from .sessions import Clock
 
 log = logging.getLogger(__name__)
@@ -73,5 +73,10 @@ def create_app(
         exception_handlers={HTTPException: console.http_error, Exception: console.server_error},
     )
     app.add_middleware(SecurityHeaders)
+    # Forwarding headers (and SSO) believed only from the proxies named; without a list, a TLS proxy
+    # on this host.
+    web = cfg.web
+    trusted = web.trusted_proxies or (("127.0.0.1", "::1") if web.behind_tls_proxy else ())
+    app.add_middleware(ProxiedClient, trusted=trusted)
     app.state.console = console
     return app

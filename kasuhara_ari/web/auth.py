@@ -34,8 +34,31 @@ class AuthPages:
 
     async def login_page(self, request: Request) -> Response:
         """Always the form, even with a session: logging in again (another account, or over a session id
-        someone planted) must be possible, and it replaces the session."""
+        someone planted) must be possible, and it replaces the session. Behind an SSO proxy the user it
+        names is signed in instead."""
+        sso = self.c.sso_user(request)
+        if sso is not None:
+            return await self.sso_login(request, sso)
         return self.login_form(request)
+
+    async def sso_login(self, request: Request, name: str) -> Response:
+        """A session for the local account the proxy authenticated: the role is the local one, and a
+        proxy user without an enabled local account is refused (403), never created."""
+        try:
+            account = await self.c.accounts.get(name)
+        except Exception as exc:
+            log.warning("web event=accounts_unavailable error=%s", type(exc).__name__)
+            raise HTTPException(503) from None
+        address = self.c.client_address(request)
+        if account is None or account.disabled:
+            log.warning(
+                "web event=sso_refused account=%s address=%s why=%s",
+                clean_log_value(name),
+                clean_log_value(address),
+                "no_account" if account is None else "disabled",
+            )
+            return self.c.render(request, "message.html", 403, message_key="sso_no_account")
+        return self.signed_in(request, account, "sso", request.query_params.get("next"))
 
     def login_form(
         self, request: Request, status: int = 200, error: str = "", next_path: str | None = None
@@ -89,16 +112,20 @@ class AuthPages:
             )
             return self.login_form(request, 401, "login_failed", form.get("next"))
         self.c.limiter.succeeded(keys[0])
+        return self.signed_in(request, account, "password", form.get("next"))
+
+    def signed_in(self, request: Request, account: Account, method: str, next_path: str | None) -> Response:
         # A new id at every login; whatever id the browser brought is dropped, never promoted (fixation).
         self.c.sessions.delete(request.cookies.get(SESSION_COOKIE))
         session = self.c.sessions.create(account.name, account.role)
         log.info(
-            "web event=login account=%s role=%s address=%s",
+            "web event=login account=%s role=%s method=%s address=%s",
             clean_log_value(account.name),
             account.role.value,
-            clean_log_value(address),
+            method,
+            clean_log_value(self.c.client_address(request)),
         )
-        done = RedirectResponse(safe_next(form.get("next")), status_code=303)
+        done = RedirectResponse(safe_next(next_path), status_code=303)
         self.c.set_cookie(request, done, SESSION_COOKIE, session.id)
         done.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
         return done

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
-from ..accounts import Accounts
+from ..accounts import AccountError, Accounts, check_user_name
 from ..config import Config
 from ..events import EventSink
 from ..evidence.desk import PERMITS, EvidenceDesk, Principal
@@ -28,6 +28,7 @@ from ..storage import ObjectStore
 from .i18n import LANG_COOKIE, LANGUAGES, MESSAGES, choose_language
 from .security import (
     SECURITY_HEADERS,
+    VIA_PROXY,
     expected_origin,
     origin_allowed,
     safe_next,
@@ -112,6 +113,28 @@ class Console:
             name, value, httponly=True, samesite="strict", secure=self.secure_cookies(request), path="/", **kw
         )
 
+    def sso_user(self, request: Request) -> str | None:
+        """The user the trusted reverse proxy says it authenticated (``web.sso_header``), or None: SSO is
+        off, the header is absent, or the request did not come straight from a trusted proxy (then the
+        header is a client's claim: ignored and logged)."""
+        header = self.cfg.web.sso_header
+        if not header:
+            return None
+        value = request.headers.get(header)
+        if value is None:
+            return None
+        if request.scope.get(VIA_PROXY) is not True:
+            log.warning(
+                "web event=sso_header_ignored address=%s why=not_from_a_trusted_proxy",
+                clean_log_value(self.client_address(request)),
+            )
+            return None
+        try:
+            return check_user_name(value.strip())
+        except AccountError:
+            log.warning("web event=sso_refused account=%s why=bad_name", clean_log_value(value))
+            return None
+
     def client_address(self, request: Request) -> str:
         return request.client.host if request.client else "unknown"
 
@@ -120,6 +143,14 @@ class Console:
         a disabled, deleted or demoted account loses its access at once."""
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
         if session is None:
+            return None
+        sso = self.sso_user(request)
+        if sso is not None and sso != session.account:
+            # Someone else signed in at the proxy (or the cookie was planted): this session is not theirs.
+            self.sessions.delete(session.id)
+            log.warning(
+                "web event=session_dropped account=%s why=sso_user_changed", clean_log_value(session.account)
+            )
             return None
         now = self.clock()
         if now - session.role_checked >= ROLE_RECHECK_S:

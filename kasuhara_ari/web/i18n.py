@@ -23,6 +23,10 @@ MESSAGES: dict[str, dict[str, str]] = {
         "role_supervisor": "責任者",
         "role_admin": "管理者",
         "forbidden": "この操作の権限がありません。",
+        "sso_no_account": (
+            "認証済みのユーザーにはこのコンソールのアカウントがないか、無効になっています。"
+            "管理者に連絡してください。"
+        ),
         "not_found": "ページが見つかりません",
         "not_yet": "この機能はまだありません。",
         "bad_request": "リクエストを処理できませんでした（再読み込みしてやり直してください）。",
@@ -47,6 +51,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "role_supervisor": "Supervisor",
         "role_admin": "Administrator",
         "forbidden": "You are not allowed to do this.",
+        "sso_no_account": (
+            "The user you signed in as has no console account here, or it is disabled. Ask an administrator."
+        ),
         "not_found": "Page not found",
         "not_yet": "This function does not exist yet.",
         "bad_request": "The request could not be handled (reload the page and try again).",

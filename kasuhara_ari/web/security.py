@@ -3,6 +3,7 @@ go, and whether a state-changing request comes from our own pages."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import MutableMapping
 from typing import Any
@@ -89,3 +90,53 @@ def origin_allowed(origin: str | None, referer: str | None, expected: str | None
         parts = urlsplit(referer)
         return expected is not None and f"{parts.scheme}://{parts.netloc}".lower() == expected
     return True
+
+
+def parse_networks(values: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values)
+
+
+def address_in(host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip().strip("[]"))
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+#: Set in the ASGI scope by :class:`ProxiedClient`: the request came straight from a trusted proxy.
+VIA_PROXY = "kasuhara.via_proxy"
+
+
+class ProxiedClient:
+    """ASGI middleware: the client address and scheme as the reverse proxy saw them, believed only when
+    the connection itself comes from a trusted proxy; and a note in the scope (:data:`VIA_PROXY`) that it
+    did, which single sign-on needs and which uvicorn's own proxy handling would erase (it replaces the
+    peer's address with the forwarded one)."""
+
+    def __init__(self, app: ASGIApp, trusted: tuple[str, ...]) -> None:
+        self.app = app
+        self.trusted = parse_networks(trusted)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.trusted:
+            client = scope.get("client")
+            if client and address_in(str(client[0]), self.trusted):
+                scope = dict(scope)
+                scope[VIA_PROXY] = True
+                headers = {k.lower(): v for k, v in scope.get("headers", [])}
+                forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1")
+                hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+                # The nearest hop not itself a trusted proxy is the client (the left ones are the client's
+                # own claims); all trusted: the leftmost.
+                for hop in reversed(hops):
+                    if not address_in(hop, self.trusted):
+                        scope["client"] = (hop, 0)
+                        break
+                else:
+                    if hops:
+                        scope["client"] = (hops[0], 0)
+                proto = headers.get(b"x-forwarded-proto", b"").decode("latin-1").strip().lower()
+                if proto in ("http", "https"):
+                    scope["scheme"] = proto
+        await self.app(scope, receive, send)
