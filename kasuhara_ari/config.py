@@ -425,6 +425,37 @@ def _validate_mqtt_tls(mqtt: MqttConfig) -> None:
             raise ConfigError(f"mqtt.{name}: {value!r} is not a readable file")
 
 
+def is_loopback(bind: str) -> bool:
+    """Whether only this host can reach ``bind`` (``localhost`` counts; any other name does not)."""
+    host = bind.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def web_bind_refusal(web: WebConfig) -> str | None:
+    """Why the console must not start on ``web.bind``, or None: passwords and session cookies would
+    cross the network in clear text unless TLS is in front or the operator says otherwise."""
+    if is_loopback(web.bind) or web.behind_tls_proxy or web.allow_insecure_bind:
+        return None
+    return (
+        f"web.bind = {web.bind!r} is not a loopback address, and the console speaks plain http: "
+        "put it behind a TLS reverse proxy (web.behind_tls_proxy = true) or set "
+        "web.allow_insecure_bind = true to accept passwords in clear text"
+    )
+
+
+def console_keys(cfg: Config) -> tuple[str, str]:
+    """The S3 key pair of ``kasuhara web``: the [admin] keys when both are set (the console reads audio
+    and performs its admins' actions), else the [storage] keys (accounts and metadata only)."""
+    if cfg.admin.access_key and cfg.admin.secret_key:
+        return cfg.admin.access_key, cfg.admin.secret_key
+    return cfg.storage.access_key, cfg.storage.secret_key
+
+
 #: Headers a browser or the HTTP layer sets: naming the user in one of them would let anyone sign in.
 _NOT_SSO_HEADERS = frozenset(
     {"cookie", "host", "origin", "referer", "user-agent", "content-type", "content-length", "x-forwarded-for"}

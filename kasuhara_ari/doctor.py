@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import ssl
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from .ami import AmiClient, AmiError
 from .ari import AriClient, AriError
-from .config import Config
+from .config import Config, console_keys, web_bind_refusal
 from .events import mqtt_tls_context
 
 
@@ -162,8 +163,62 @@ def check_spool(cfg: Config) -> Check:
     return Check("spool", ok, "; ".join(details))
 
 
+async def check_web(cfg: Config) -> Check:
+    """The console (``kasuhara web``): would it start on its address, can it read its accounts with its
+    keys, is there an admin, and is one answering there now. No accounts yet is not a failure (a site
+    may not use the console); unreadable accounts or a refused bind are."""
+    import httpx
+
+    from .accounts import Accounts, Role
+    from .storage import MinioStore, StorageError, StorageSetupError
+
+    web = cfg.web
+    url = f"http://{web.bind if ':' not in web.bind else f'[{web.bind}]'}:{web.port}/"
+    refusal = web_bind_refusal(web)
+    if refusal is not None:
+        return Check("web", False, refusal)
+    if not cfg.storage.enabled:
+        return Check("web", True, f"{url}: storage disabled, so no console accounts")
+    access, secret = console_keys(cfg)
+    try:
+        store = MinioStore.from_config(
+            cfg.storage,
+            access_key=access,
+            secret_key=secret,
+            connect_timeout_s=3.0,
+            read_timeout_s=5.0,
+            connect_retries=0,
+        )
+    except StorageSetupError as exc:
+        return Check("web", False, str(exc))
+    try:
+        users = await Accounts(store).list()
+    except StorageError as exc:  # our own messages: no URL, no signature
+        return Check("web", False, f"console accounts (users/accounts.json) unreadable: {exc}")
+    except Exception as exc:
+        return Check("web", False, f"console accounts (users/accounts.json) unreadable: {type(exc).__name__}")
+    finally:
+        store.close()
+    enabled = [u for u in users if not u.disabled]
+    admins = sum(1 for u in enabled if u.role == Role.ADMIN)
+    running = False
+    with contextlib.suppress(httpx.HTTPError):
+        async with httpx.AsyncClient(timeout=2) as http:
+            running = (await http.get(url + "healthz")).text == "ok"
+    state = "console answering" if running else "console not running"
+    if not enabled:
+        return Check(
+            "web", True, f"{url} {state}; no console accounts yet (kasuhara users add NAME --role admin)"
+        )
+    return Check("web", True, f"{url} {state}; {len(enabled)} enabled account(s), {admins} admin")
+
+
 async def run_checks(cfg: Config) -> list[Check]:
     results = await asyncio.gather(
-        check_ari(cfg), check_ami(cfg), check_mqtt(cfg), asyncio.to_thread(_check_s3_sync, cfg)
+        check_ari(cfg),
+        check_ami(cfg),
+        check_mqtt(cfg),
+        asyncio.to_thread(_check_s3_sync, cfg),
+        check_web(cfg),
     )
     return [Check("config", True, cfg.source or "(environment only)"), *results, check_spool(cfg)]

@@ -87,3 +87,38 @@ async def test_users_made_with_the_cli_log_in_and_their_roles_hold(env: dict[str
                 await asyncio.sleep(0.2)
             assert page.status_code == 303 and "/login" in page.headers["location"], page.status_code
             assert (await login(viewer, "ito", VIEWER_PW)).status_code != 303
+
+
+def doctor_web(env: Mapping[str, str]) -> dict[str, object]:
+    import json
+
+    done = subprocess.run(
+        cli_command("doctor", "--json"), env=dict(env), cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    checks = json.loads(done.stdout)
+    web = checks["web"]
+    assert isinstance(web, dict)
+    return web
+
+
+async def test_doctor_reports_the_console_accounts_and_whether_it_answers(env: dict[str, str]) -> None:
+    """`kasuhara doctor` reads the console's accounts with the console's keys from the real S3 server,
+    says when there are none yet, and whether a console answers on [web] bind/port."""
+    none_yet = doctor_web(env)
+    assert none_yet["ok"] is True and "no console accounts yet" in str(none_yet["detail"])
+    assert "not running" in str(none_yet["detail"])
+    assert (
+        users(env, "add", "sato", "--role", "admin", "--password-stdin", stdin=ADMIN_PW + "\n").returncode
+        == 0
+    )
+    async with running_console(env):
+        running = await asyncio.to_thread(doctor_web, env)
+    assert running["ok"] is True, running
+    assert "console answering" in str(running["detail"]) and "1 enabled account(s), 1 admin" in str(
+        running["detail"]
+    )
+    refused = doctor_web({**env, "KASUHARA_WEB__BIND": "0.0.0.0"})
+    assert refused["ok"] is False and "not a loopback address" in str(refused["detail"])
+    # (moto accepts any key, so the server is made unreachable instead of the key wrong.)
+    away = doctor_web({**env, "KASUHARA_STORAGE__ENDPOINT": f"127.0.0.1:{closed_port()}"})
+    assert away["ok"] is False and "unreadable" in str(away["detail"])

@@ -672,10 +672,10 @@ def test_kasuhara_web_exits_1_when_the_port_is_taken() -> None:
 
 
 def test_kasuhara_web_allows_a_public_bind_behind_a_tls_proxy_or_with_the_override() -> None:
-    from kasuhara_ari.cli.web import bind_refusal
+    from kasuhara_ari.config import web_bind_refusal
 
     public = WebConfig(bind="0.0.0.0")
-    assert bind_refusal(dataclasses.replace(Config(), web=public)) is not None
+    assert web_bind_refusal(public) is not None
     for web in (
         dataclasses.replace(public, behind_tls_proxy=True),
         dataclasses.replace(public, allow_insecure_bind=True),
@@ -683,7 +683,7 @@ def test_kasuhara_web_allows_a_public_bind_behind_a_tls_proxy_or_with_the_overri
         WebConfig(bind="::1"),
         WebConfig(bind="localhost"),
     ):
-        assert bind_refusal(dataclasses.replace(Config(), web=web)) is None, web
+        assert web_bind_refusal(web) is None, web
 
 
 # --- single sign-on through a trusted reverse proxy (web.sso_header) -------------------------------------

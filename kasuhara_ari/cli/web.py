@@ -3,36 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 
 import click
 
-from ..config import Config
+from ..config import console_keys, web_bind_refusal
 from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config
-
-
-def is_loopback(bind: str) -> bool:
-    """Whether only this host can reach ``bind`` (``localhost`` counts; any other name does not)."""
-    host = bind.strip().strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind_refusal(cfg: Config) -> str | None:
-    """Why the console must not start on this address, or None: passwords and session cookies would
-    cross the network in clear text unless TLS is in front or the operator says otherwise."""
-    web = cfg.web
-    if is_loopback(web.bind) or web.behind_tls_proxy or web.allow_insecure_bind:
-        return None
-    return (
-        f"web.bind = {web.bind!r} is not a loopback address, and the console speaks plain http: "
-        "put it behind a TLS reverse proxy (web.behind_tls_proxy = true) or set "
-        "web.allow_insecure_bind = true to accept passwords in clear text"
-    )
 
 
 @click.command()
@@ -53,13 +28,11 @@ def web(config_path: str | None) -> None:
     from ..web import create_app
 
     cfg = load_config(config_path)
-    refusal = bind_refusal(cfg)
+    refusal = web_bind_refusal(cfg.web)
     if refusal is not None:
         click.echo(f"kasuhara web: configuration error: {refusal}", err=True)
         raise SystemExit(EXIT_CONFIG)
-    access, secret = cfg.admin.access_key, cfg.admin.secret_key
-    if not (access and secret):
-        access, secret = cfg.storage.access_key, cfg.storage.secret_key
+    access, secret = console_keys(cfg)
     try:
         store = MinioStore.from_config(
             cfg.storage, access_key=access, secret_key=secret, read_timeout_s=60.0, pool_size=32
