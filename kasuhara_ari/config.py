@@ -239,6 +239,9 @@ class WebConfig:
     #: (e.g. ``X-Forwarded-User``); believed only from ``trusted_proxies`` (which must then be set), and
     #: only for an enabled local account (its role is the local one). Empty: off.
     sso_header: str = ""
+    #: Host names (``Host`` header, without port) the console answers to, e.g. ``["console.example.jp"]``;
+    #: others get 400 (DNS rebinding, a proxy forwarding the wrong site). Empty: any.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -474,6 +477,9 @@ def _validate_web(web: WebConfig) -> None:
     if web.session_idle_s > web.session_max_s:
         raise ConfigError("web.session_idle_s: must not exceed web.session_max_s")
     _check_networks("web.trusted_proxies", web.trusted_proxies)
+    for host in web.allowed_hosts:
+        if not re.fullmatch(r"(\*\.)?[A-Za-z0-9.:\[\]-]{1,253}", host):
+            raise ConfigError(f"web.allowed_hosts: {host[:64]!r} is not a host name")
     if web.sso_header:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", web.sso_header):
             raise ConfigError(f"web.sso_header: {web.sso_header!r} is not an HTTP header name")

@@ -781,3 +781,22 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
         # Not from the trusted proxy: the header is ignored and both failures counted for 127.0.0.1.
         locked = await login(client, "viewer1", headers={"x-forwarded-for": "203.0.113.99"})
         assert locked.status_code == 429
+
+
+async def test_allowed_hosts_refuse_other_host_names_with_the_security_headers() -> None:
+    """DNS rebinding: a page of another site whose name resolves to the console reaches it with its own
+    Host; with web.allowed_hosts the console answers only to its names (and the refusal is a response
+    like any other: it carries the CSP)."""
+    with pytest.raises(ConfigError, match=r"web\.allowed_hosts"):
+        load(env={"KASUHARA_WEB__ALLOWED_HOSTS": "bad host/"})
+    web = WebConfig(allowed_hosts=("127.0.0.1", "console.example.jp"))
+    async with serve(web) as console, console.client() as client:
+        assert (await client.get("/login")).status_code == 200
+        named = await client.get("/login", headers={"host": "console.example.jp"})
+        assert named.status_code == 200
+        rebound = await client.get("/login", headers={"host": "attacker.example"})
+        assert rebound.status_code == 400
+        assert rebound.headers["content-security-policy"] == CSP
+    async with serve() as console, console.client() as client:
+        # Not configured: any Host, as before.
+        assert (await client.get("/login", headers={"host": "attacker.example"})).status_code == 200

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -72,11 +73,14 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: console.http_error, Exception: console.server_error},
     )
-    app.add_middleware(SecurityHeaders)
+    # The last added runs first: security headers go on every answer, also the refusals of the others.
+    web = cfg.web
+    if web.allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(web.allowed_hosts))
     # Forwarding headers (and SSO) believed only from the proxies named; without a list, a TLS proxy
     # on this host.
-    web = cfg.web
     trusted = web.trusted_proxies or (("127.0.0.1", "::1") if web.behind_tls_proxy else ())
     app.add_middleware(ProxiedClient, trusted=trusted)
+    app.add_middleware(SecurityHeaders)
     app.state.console = console
     return app
