@@ -22,6 +22,7 @@ def agi(config_path: str | None) -> None:
     that a real channel runs it (agi.allowed_peers, agi.max_sessions_per_peer: see the README).
     """
     from ..agi import AgiService
+    from ..systemd import Notifier, announce_ready
 
     cfg = load_config(config_path)
     try:
@@ -31,12 +32,29 @@ def agi(config_path: str | None) -> None:
         raise SystemExit(EXIT_CONFIG) from None
 
     async def main() -> None:
+        notifier = Notifier()
         task = asyncio.create_task(service.run())
+
+        def stop() -> None:
+            notifier.stopping()
+            task.cancel()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            loop.add_signal_handler(sig, stop)
+
+        async def listening() -> bool:
+            return service.server.listening.is_set()
+
+        async def ami() -> bool:
+            return service.ami.ready
+
+        ready = asyncio.create_task(announce_ready(notifier, {"agi": listening, "ami": ami}))
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            ready.cancel()
 
     try:
         asyncio.run(main())

@@ -17,6 +17,7 @@ from ..config import Config
 from ..retention import MAX_BATCH, LeaseLost, RetentionSweep, SweepReport, next_run, parse_daily_at
 from ..safe import json_for_terminal, printable
 from ..storage import MinioStore, StorageError
+from ..systemd import Notifier
 from .admin import finish, open_store, run_async, show_time, timezone_of
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, config_option, load_config
 
@@ -217,9 +218,13 @@ def daemon(config_path: str | None, run_now: bool, batch_size: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             ev_loop.add_signal_handler(sig, task.cancel)
         due = datetime.now(UTC) if run_now else next_run(datetime.now(UTC), at, tz)
+        notifier = Notifier()
+        notifier.ready(f"next sweep at {due.isoformat(timespec='seconds')}")
+        watchdog = asyncio.create_task(notifier.watchdog())
         try:
             while True:
                 log.info("retention event=next_sweep at=%s", due.isoformat(timespec="seconds"))
+                notifier.status(f"next sweep at {due.isoformat(timespec='seconds')}")
                 await _sleep_until(due)
                 scheduled = next_run(datetime.now(UTC), at, tz)
                 try:
@@ -242,6 +247,8 @@ def daemon(config_path: str | None, run_now: bool, batch_size: int) -> None:
                     due = min(datetime.now(UTC) + RETRY_AFTER, scheduled)
                     log.exception("retention event=sweep_crashed retry_at=%s", due.isoformat())
         finally:
+            notifier.stopping()
+            watchdog.cancel()
             store.close()
 
     with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):

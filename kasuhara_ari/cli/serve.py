@@ -8,7 +8,9 @@ import signal
 
 import click
 
+from ..doctor import check_spool
 from ..service import Service
+from ..systemd import Notifier, announce_ready
 from .common import config_option, load_config
 
 
@@ -20,11 +22,31 @@ def serve(config_path: str | None) -> None:
 
     async def main() -> None:
         service = Service(cfg)
+        notifier = Notifier()
         task = asyncio.create_task(service.run())
+
+        def stop() -> None:
+            notifier.stopping()
+            task.cancel()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            loop.add_signal_handler(sig, stop)
+
+        async def ari() -> bool:
+            return service.app.connected.is_set()
+
+        async def ami() -> bool:
+            return service.ami.ready
+
+        async def spool() -> bool:
+            return (await asyncio.to_thread(check_spool, cfg)).ok
+
+        ready = asyncio.create_task(announce_ready(notifier, {"ari": ari, "ami": ami, "spool": spool}))
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            ready.cancel()
 
     asyncio.run(main())

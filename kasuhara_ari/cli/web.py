@@ -25,6 +25,7 @@ def web(config_path: str | None) -> None:
     from ..events import NullEvents
     from ..storage import MinioStore, StorageSetupError
     from ..supervision import SessionEvents
+    from ..systemd import Notifier, announce_ready
     from ..web import create_app
 
     cfg = load_config(config_path)
@@ -60,8 +61,22 @@ def web(config_path: str | None) -> None:
         )
     )
     click.echo(f"kasuhara web: starting on http://{cfg.web.bind}:{cfg.web.port}/", err=True)
+
+    async def main() -> None:
+        notifier = Notifier()
+
+        async def listening() -> bool:
+            return bool(server.started)
+
+        ready = asyncio.create_task(announce_ready(notifier, {"http": listening}))
+        try:
+            await server.serve()
+        finally:
+            notifier.stopping()
+            ready.cancel()
+
     try:
-        asyncio.run(server.serve())
+        asyncio.run(main())
     except SystemExit as exc:
         # uvicorn exits 3 when it cannot listen; 3 means "refused" here, so it becomes 1 (failed).
         if exc.code in (None, 0):
