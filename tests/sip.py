@@ -152,19 +152,20 @@ def caller(
     extra: Sequence[str] = (),
     display_name: str = "caller",
     name_header: str = "",
+    server: str = ASTERISK_SIP,
 ) -> Phone:
     """The customer: dials ``exten``, talks ``call_ms`` after the answer, then hangs up (or takes a BYE).
 
     ``display_name`` goes into the From header as it is (a test may send a hostile one); ``name_header``
     (percent-encoded) becomes the caller's name through the test dialplan's ``X-Test-Caller-Name``, for
-    names SIP cannot carry (a CR LF).
+    names SIP cannot carry (a CR LF). ``server``: the Asterisk to call (another node's address:port).
     """
     port = free_udp_port(15000, 15999)
     phone = Phone(
         workdir,
         name,
         [
-            ASTERISK_SIP,
+            server,
             "-sf",
             "uac.xml",
             "-s",

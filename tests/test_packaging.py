@@ -45,6 +45,9 @@ PACKAGE_DATA = (
     "kasuhara_ari/web/templates/base.html",
     "kasuhara_ari/web/templates/login.html",
     "kasuhara_ari/web/static/console.css",
+    "kasuhara_ari/data/systemd/kasuhara-serve.service",
+    "kasuhara_ari/data/sounds/ja/kasuhara/recording-notice.wav",
+    "kasuhara_ari/data/sounds/en/kasuhara/recording-notice.wav",
 )
 
 

@@ -44,6 +44,7 @@ for _module, _attr in (
     ("supervise", "supervise"),
     ("users", "users"),
     ("web", "web"),
+    ("asterisk", "asterisk"),
 ):
     try:
         _mod = importlib.import_module(f"{__name__}.{_module}")
