@@ -56,29 +56,30 @@ async def seed(
     audio: bytes | None = None,
     with_audio: bool = True,
     caller: str = "03-1234-5678",
+    caller_name: str = "山田 太郎",
     direction: str = "inbound",
     flags: Iterable[str] = (),
     timeline: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> Seeded:
     keys = recording_keys(call_id, started_at)
-    doc = metadata(
-        call_id,
-        started_at=iso(started_at),
-        ended_at=iso(started_at + timedelta(seconds=42)),
-        duration_s=42.0,
-        direction=direction,
-        caller={"number": caller, "name": "山田 太郎"},
-        flags=list(flags),
-        timeline=timeline
+    fields: dict[str, Any] = {
+        "started_at": iso(started_at),
+        "ended_at": iso(started_at + timedelta(seconds=42)),
+        "duration_s": 42.0,
+        "direction": direction,
+        "caller": {"number": caller, "name": caller_name},
+        "flags": list(flags),
+        "timeline": timeline
         if timeline is not None
         else [
             {"event": "started", "at": iso(started_at), "direction": direction},
             {"event": "notice_played", "at": iso(started_at + timedelta(seconds=5))},
             {"event": "ended", "at": iso(started_at + timedelta(seconds=42)), "duration_s": 42.0},
         ],
-        **extra,
-    )
+    }
+    # ``extra`` may also replace the defaults above (ended_at, duration_s, caller, ...).
+    doc = metadata(call_id, **{**fields, **extra})
     data = (
         (audio if audio is not None else wav_bytes(2000, seed=hash(call_id) & 0xFFFF)) if with_audio else None
     )

@@ -69,8 +69,9 @@ async def test_users_made_with_the_cli_log_in_and_their_roles_hold(env: dict[str
         board = await admin.get("/")
         assert board.status_code == 200 and "sato" in board.text
         await page_token(admin)
-        # The placeholder of an admin-only action: admins pass the role check.
-        assert (await admin.get("/recordings/1732800000.1/download")).status_code == 501
+        # An admin-only URL: admins pass the role check (a GET of the download URL leads to the
+        # recording page, where the download is a POST with a reason).
+        assert (await admin.get("/recordings/1732800000.1/download")).status_code == 303
 
         async with httpx.AsyncClient(
             base_url=str(admin.base_url), headers=admin.headers, timeout=10
