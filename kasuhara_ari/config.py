@@ -214,6 +214,9 @@ class AdminConfig:
 class GeneralConfig:
     timezone: str = "Asia/Tokyo"
     log_level: str = "INFO"
+    #: ``text`` (``2026-12-03 ... INFO kasuhara_ari.web web event=login ...``) or ``json`` (one object per
+    #: line, each ``key=value`` a field: for Loki, Elasticsearch, Fluent Bit). Services only, like log_level.
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,8 @@ def _validate(cfg: Config) -> None:
         for b in seqs:
             if a != b and b.startswith(a):
                 raise ConfigError(f"escalation.keys: {a!r} is a prefix of {b!r}; one could never be pressed")
+    if cfg.general.log_format not in ("text", "json"):
+        raise ConfigError(f"general.log_format: {cfg.general.log_format!r} is not text or json")
     lang = cfg.announcement.language
     if not lang or not all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in lang):
         raise ConfigError(f"announcement.language: {lang!r} is not a language code like ja or en")

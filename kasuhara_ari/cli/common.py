@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from ..config import Config, ConfigError, load
-from ..safe import SafeLogFormatter, printable
+from ..safe import JsonLogFormatter, SafeLogFormatter, printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -68,6 +68,10 @@ def load_config(config_path: str | None) -> Config:
         configured = log_level_named(cfg.general.log_level, "general.log_level")
         requested = _requested_level()
         logging.getLogger().setLevel(requested if requested is not None else configured)
+        if cfg.general.log_format == "json":
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler.formatter, SafeLogFormatter):
+                    handler.setFormatter(JsonLogFormatter())
     return cfg
 
 
