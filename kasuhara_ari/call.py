@@ -25,6 +25,7 @@ from .ari import AriError, Channel, ChannelGone
 from .callerid import CallerId, agent_label, render, repairs
 from .callers import CallerPolicy, ListedCaller
 from .config import Config
+from .detection.talk import Detection, Party, TalkDetector
 from .events import EventSink, now_iso
 from .policy import BudgetStep, TimeBudget
 from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
@@ -165,6 +166,9 @@ class Call:
         self._pending_actions: list[tuple[str, str]] = []
         self.escalation = esc.EscalationRunner(self)
         self.budget = TimeBudget(deps.cfg.policy)
+        detection = deps.cfg.detection
+        self.talk = TalkDetector(detection) if detection.mode != "off" else None
+        self._detections: list[Detection] = []
 
     # --- facts ------------------------------------------------------------------------------------------
 
@@ -236,6 +240,8 @@ class Call:
                 if action is not None:
                     self._pending_actions.append(action)
             # The caller's digits never trigger anything (and are not logged: they may be card numbers).
+        elif kind in ("ChannelTalkingStarted", "ChannelTalkingFinished"):
+            self._absorb_talk(kind, chan, event)
         elif kind == "Dial":
             log.debug(
                 "call event=dial call_id=%s peer=%s status=%s",
@@ -250,6 +256,38 @@ class Call:
             elif peer and status in _FINAL_DIAL_STATUSES:
                 self._dialstatus[peer] = str(status)
         self.escalation.absorb(kind, chan, event)
+
+    def _absorb_talk(self, kind: str, chan: str, event: Event) -> None:
+        """Asterisk's talk detection on the caller's or the agent's leg (a supervisor's is not watched)."""
+        if self.talk is None:
+            return
+        party: Party | None = (
+            "caller" if chan == self.caller.id else "agent" if chan == self.agent_id else None
+        )
+        if party is None:
+            return
+        now = time.monotonic()
+        if kind == "ChannelTalkingStarted":
+            self._detections.extend(self.talk.started(party, now))
+        else:
+            duration = event.get("duration")
+            seconds = float(duration) / 1000 if isinstance(duration, int | float) else None
+            self._detections.extend(self.talk.finished(party, now, seconds))
+
+    async def _report_detections(self) -> None:
+        """Each detection: its event (into the timeline too); in ``act`` mode the call becomes evidence."""
+        if self.talk is not None:
+            self._detections.extend(self.talk.check(time.monotonic()))
+        while self._detections:
+            found = self._detections.pop(0)
+            offset = round(self.elapsed_s(), 1)
+            mode = self.deps.cfg.detection.mode
+            log.info("call event=detected call_id=%s kind=%s mode=%s", self.call_id, found.kind, mode)
+            self.emit(f"{found.kind}_detected", offset_s=offset, mode=mode, **found.figures)
+            if mode == "act":
+                await self.escalation.hold_as_evidence(
+                    key=f"detected:{found.kind}", by="detector", reason=f"detected: {found.kind}"
+                )
 
     def _on_channel_gone(self, channel_id: str, event: Event) -> None:
         # A normal clearing (16) or none given is the everyday end: DEBUG; any other cause says why.
@@ -377,6 +415,11 @@ class Call:
 
         # TALKING: until either side hangs up; the agent's key sequences act on the call.
         self._set_state(CallState.TALKING)
+        for name, value in self._talk_detect_variable().items():
+            try:
+                await ari.set_variable(caller, name, value)
+            except AriError as exc:  # e.g. func_talkdetect.so not loaded: the call goes on undetected
+                log.warning("call event=talk_detect_failed call_id=%s error=%s", self.call_id, exc)
         await self._talk()
 
     async def _finish(self) -> None:
@@ -436,7 +479,11 @@ class Call:
                 channel_id=agent_id,
                 app_args=f"agent,{self.call_id}",
                 originator=self.caller.id,
-                variables={"KASUHARA_CALL_ID": self.call_id, "KASUHARA_ROLE": "agent"},
+                variables={
+                    "KASUHARA_CALL_ID": self.call_id,
+                    "KASUHARA_ROLE": "agent",
+                    **self._talk_detect_variable(),
+                },
             )
         except ChannelGone:
             raise
@@ -481,6 +528,14 @@ class Call:
             await self.next_event(timeout=0.2)
         return _unreachable_reason(self._dialstatus.get(channel_id, ""), self._causes.get(channel_id, 0))
 
+    def _talk_detect_variable(self) -> dict[str, str]:
+        """``TALK_DETECT(set)`` for a leg (setting it calls the function: Asterisk's DSP watches the leg and
+        sends ChannelTalkingStarted/Finished); nothing when detection is off."""
+        det = self.deps.cfg.detection
+        if det.mode == "off":
+            return {}
+        return {"TALK_DETECT(set)": f"{det.silence_ms},{det.talk_threshold}"}
+
     async def _talk(self) -> None:
         caller = self.caller.id
         agent = self.agent_id or ""
@@ -506,10 +561,15 @@ class Call:
                 if ended:
                     return
                 continue
+            await self._report_detections()
             if await self._apply_time_budget():
                 return
-            # Nothing to do until an event (a hangup, a key) or the time budget's next step.
-            await self.next_event(timeout=self.budget.seconds_to_next(self.elapsed_s()))
+            # Nothing to do until an event (a hangup, a key), the time budget's next step or a detection's.
+            wait = self.budget.seconds_to_next(self.elapsed_s())
+            due = self.talk.seconds_to_next(time.monotonic()) if self.talk is not None else None
+            if due is not None:
+                wait = due + 0.01 if wait is None else min(wait, due + 0.01)
+            await self.next_event(timeout=wait)
 
     async def _apply_time_budget(self) -> bool:
         """The call's time budget (policy): a tone for the agent before it runs out, then, if enforced,

@@ -175,6 +175,28 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class DetectionConfig:
+    """Live detection of abusive talk patterns from Asterisk's own talk detection (TALK_DETECT):
+    ``off`` (not even switched on), ``observe`` (events and the call's timeline), ``act`` (also flags the
+    call as evidence, as the agent's ``*1`` would)."""
+
+    mode: str = "observe"  # off | observe | act
+    #: TALK_DETECT(set)=<silence_ms>,<talk_threshold>: silence that ends a stretch of talk, and the
+    #: energy above which a frame counts as talk (Asterisk's dsp_talking_threshold; its default 256).
+    silence_ms: int = 1200
+    talk_threshold: int = 256
+    #: The caller talks this long without a pause of silence_ms: a monologue.
+    monologue_s: float = 60.0
+    #: The agent tries to take the floor (starts while the caller talks, gives up within back_off_s while
+    #: the caller goes on) this many times within window_s: the agent is talked over.
+    talk_over_attempts: int = 3
+    talk_over_window_s: float = 60.0
+    talk_over_back_off_s: float = 1.5
+    #: The same detection is reported again at most this often in one call.
+    repeat_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class AgiConfig:
     bind: str = "127.0.0.1"
     port: int = 4573
@@ -259,6 +281,7 @@ class Config:
     escalation: EscalationConfig = field(default_factory=EscalationConfig)
     callerid: CallerIdConfig = field(default_factory=CallerIdConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     agi: AgiConfig = field(default_factory=AgiConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -363,6 +386,18 @@ def _validate(cfg: Config) -> None:
         for b in seqs:
             if a != b and b.startswith(a):
                 raise ConfigError(f"escalation.keys: {a!r} is a prefix of {b!r}; one could never be pressed")
+    det = cfg.detection
+    if det.mode not in ("off", "observe", "act"):
+        raise ConfigError(f"detection.mode: {det.mode!r} is not off, observe or act")
+    if not 100 <= det.silence_ms <= 10000:
+        raise ConfigError(f"detection.silence_ms: {det.silence_ms} is not between 100 and 10000")
+    if not 1 <= det.talk_threshold <= 32767:
+        raise ConfigError(f"detection.talk_threshold: {det.talk_threshold} is not between 1 and 32767")
+    for name in ("monologue_s", "talk_over_window_s", "talk_over_back_off_s", "repeat_s"):
+        if not getattr(det, name) > 0:
+            raise ConfigError(f"detection.{name}: must be more than 0, got {getattr(det, name)}")
+    if det.talk_over_attempts < 1:
+        raise ConfigError(f"detection.talk_over_attempts: must be at least 1, got {det.talk_over_attempts}")
     if cfg.general.log_format not in ("text", "json"):
         raise ConfigError(f"general.log_format: {cfg.general.log_format!r} is not text or json")
     lang = cfg.announcement.language

@@ -25,14 +25,36 @@ class Check:
     detail: str
 
 
+#: Asterisk modules the app needs beyond ARI itself, and the setting that needs them.
+NEEDED_MODULES = {
+    "app_mixmonitor.so": None,
+    "res_stasis_snoop.so": None,  # kasuhara supervise (listen, whisper)
+    "func_talkdetect.so": "detection.mode",  # live detection (TALK_DETECT)
+}
+
+
 async def check_ari(cfg: Config) -> Check:
     async with AriClient(cfg.ari.url, cfg.ari.username, cfg.ari.password, cfg.ari.app, timeout=3) as ari:
         try:
             info = await ari.info()
         except AriError as exc:
             return Check("ari", False, f"{cfg.ari.url}: {exc}")
+        missing = []
+        for module, setting in NEEDED_MODULES.items():
+            if setting == "detection.mode" and cfg.detection.mode == "off":
+                continue
+            try:
+                state = await ari.request("GET", f"/asterisk/modules/{module}")
+            except AriError:
+                state = None
+            if not isinstance(state, dict) or state.get("status") != "Running":
+                missing.append(module + (f" (for {setting})" if setting else ""))
     version = (info.get("system") or {}).get("version", "?")
-    return Check("ari", True, f"{cfg.ari.url} Asterisk {version}")
+    if missing:
+        return Check(
+            "ari", False, f"{cfg.ari.url} Asterisk {version}: modules not loaded: {', '.join(missing)}"
+        )
+    return Check("ari", True, f"{cfg.ari.url} Asterisk {version}, modules loaded")
 
 
 async def check_ami(cfg: Config) -> Check:

@@ -143,23 +143,29 @@ class EscalationRunner:
         that even a crash before the end of the call cannot lose it. The agent's confirmation tone is
         started first: the hold request may wait on a disk or S3, the agent should not."""
         call = self.call
-        at = now_iso()
         await self._acknowledge(call.deps.cfg.escalation.flag_ack_sound, tag=f"{call.call_id}-flagack")
-        reason = "flagged by agent as harassment"
+        await self.hold_as_evidence(key=key, by="agent", reason="flagged by agent as harassment")
+        return False
+
+    async def hold_as_evidence(self, *, key: str, by: str, reason: str) -> None:
+        """The call becomes evidence: the ``harassment`` flag, a durable hold request at once (a crash
+        before the end of the call cannot lose it), the escalation record and the ``flagged`` event.
+        ``by``: ``agent`` (a key) or ``detector`` (detection in act mode, ``key`` names the detection)."""
+        call = self.call
+        at = now_iso()
         if "harassment" not in call.record.flags:
             call.record.flags.append("harassment")
         if call.record.hold is None:
-            call.record.hold = {"reason": reason, "by": "agent", "at": at}
+            call.record.hold = {"reason": reason, "by": by, "at": at}
         result = "flagged"
         if call.deps.hold is not None:
             try:
-                await call.deps.hold(call.call_id, reason, "agent", call.record.started_at)
+                await call.deps.hold(call.call_id, reason, by, call.record.started_at)
             except Exception as exc:
                 log.error("escalation event=hold_request_failed call_id=%s error=%s", call.call_id, exc)
                 result = "flagged (hold pending upload)"
-        call.add_escalation(Escalation(at=at, action="flag", key=key, by="agent", result=result))
-        call.emit("flagged", key=key, by="agent", reason="harassment")
-        return False
+        call.add_escalation(Escalation(at=at, action="flag", key=key, by=by, result=result))
+        call.emit("flagged", key=key, by=by, reason="harassment")
 
     async def _acknowledge(self, sound: str, *, tag: str) -> None:
         """A short tone for the agent alone that the key was accepted (every time: a second ``*1`` is

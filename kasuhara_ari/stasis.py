@@ -37,6 +37,8 @@ STASIS_EVENTS = frozenset(
         "ChannelHangupRequest",
         "ChannelDestroyed",
         "ChannelDtmfReceived",
+        "ChannelTalkingStarted",  # TALK_DETECT on the caller and agent legs (detection)
+        "ChannelTalkingFinished",
         "Dial",
         "PlaybackFinished",
     }

@@ -251,6 +251,13 @@ async def test_a_real_call_runs_on_the_installed_dropins_and_uninstall_takes_the
     assert meta["audio"]["expected"] is True, meta  # MixMonitor ran, through the AMI user installed
     assert (node.spool / f"{meta['call_id']}.wav").stat().st_size > 44
 
+    # doctor checks the modules the app needs on the node it is configured for.
+    doctor = json.loads(kasuhara(config, "doctor", "--json").stdout)
+    assert doctor["ari"]["ok"] and doctor["ami"]["ok"], doctor
+    node.rx("module unload func_talkdetect.so")
+    doctor = json.loads(kasuhara(config, "doctor", "--json").stdout)
+    assert not doctor["ari"]["ok"] and "func_talkdetect.so (for detection.mode)" in doctor["ari"]["detail"]
+
     gone = kasuhara(config, "asterisk", "uninstall", *where)
     assert gone.returncode == 0, gone.stderr
     node.rx("module reload res_ari.so")
