@@ -267,6 +267,13 @@ class Call:
         if party is None:
             return
         now = time.monotonic()
+        log.debug(
+            "call event=talk call_id=%s party=%s kind=%s duration=%s",
+            self.call_id,
+            party,
+            kind,
+            event.get("duration"),
+        )
         if kind == "ChannelTalkingStarted":
             self._detections.extend(self.talk.started(party, now))
         else:
@@ -631,6 +638,8 @@ class Call:
             self.record.ended_at = _iso(ended)
             if self._answered_wall is not None:
                 self.record.duration_s = round(ended - self._answered_wall, 3)
+            if self.talk is not None:
+                self.record.talk = self.talk.totals(time.monotonic())
             self.emit("ended", reason=self.record.end_reason or "normal", duration_s=self.record.duration_s)
             await self._write_metadata()
             self._set_state(CallState.ENDED)

@@ -164,6 +164,8 @@ class CallRecord:
     repeat_count: int | None = None
     listed: dict[str, str] | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: Seconds each party talked (TALK_DETECT), when detection is on.
+    talk: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -188,6 +190,7 @@ class CallRecord:
             "repeat_count": self.repeat_count,
             "listed": self.listed,
             "timeline": list(self.events),
+            "talk": self.talk,
         }
 
 

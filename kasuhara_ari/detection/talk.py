@@ -92,6 +92,14 @@ class TalkDetector:
             due = max(due, last + self.cfg.repeat_s)
         return max(0.0, due - now)
 
+    def totals(self, now: float) -> dict[str, float]:
+        """Seconds each party talked, the stretch in progress included (the metadata's ``talk``)."""
+        out = {}
+        for party in ("caller", "agent"):
+            since = self.talking_since[party]
+            out[f"{party}_s"] = round(self.talked_s[party] + (now - since if since is not None else 0.0), 1)
+        return out
+
     def _may_report(self, kind: str, now: float) -> bool:
         last = self.reported.get(kind)
         if last is not None and now - last < self.cfg.repeat_s:
