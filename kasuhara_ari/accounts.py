@@ -24,6 +24,7 @@ import builtins
 import hashlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,7 @@ __all__ = [
     "LastAdminError",
     "Role",
     "UnknownAccount",
+    "check_endpoint",
     "check_password",
     "check_user_name",
     "parse_role",
@@ -157,6 +159,25 @@ def check_password(name: str, password: object) -> str:
     return password
 
 
+#: A phone the console may ring for this user (``kasuhara supervise --endpoint``): an Asterisk dial string
+#: such as ``PJSIP/alice`` or ``PJSIP/sup/sip:sup@10.0.0.5:5060``; no commas, spaces or ``&`` (which would
+#: split it into several destinations or arguments).
+_ENDPOINT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}/[A-Za-z0-9][A-Za-z0-9._@:/+=;-]{0,199}")
+
+
+def check_endpoint(value: object) -> str:
+    """The supervisor's phone of an account (empty: none), or :class:`AccountError`."""
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not _ENDPOINT.fullmatch(value):
+        shown = str(value)[:40].encode("ascii", "backslashreplace").decode()
+        raise AccountError(
+            f"not a phone endpoint {shown!r}: TECH/resource such as PJSIP/alice (letters, digits and "
+            "._@:/+=;- only)"
+        )
+    return value
+
+
 def password_hasher(**overrides: int) -> PasswordHasher:
     """argon2id with :data:`PASSWORD_PARAMETERS` (``overrides`` for tests and benchmarks only)."""
     p = {**PASSWORD_PARAMETERS, **overrides}
@@ -183,6 +204,9 @@ class Account:
     disabled: bool
     created_at: str
     changed_at: str
+    #: The phone the console rings when this user joins a call from the board ("" = the configured
+    #: ``escalation.supervisors[0]``).
+    endpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,18 +218,22 @@ class _Entry:
     created_at: str
     changed_at: str
     hash: str = field(repr=False)
+    endpoint: str = ""
 
     def account(self, name: str) -> Account:
-        return Account(name, self.role, self.disabled, self.created_at, self.changed_at)
+        return Account(name, self.role, self.disabled, self.created_at, self.changed_at, self.endpoint)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "role": self.role.value,
             "disabled": self.disabled,
             "created_at": self.created_at,
             "changed_at": self.changed_at,
             "hash": self.hash,
         }
+        if self.endpoint:
+            doc["endpoint"] = self.endpoint  # absent in documents written before it existed
+        return doc
 
     @classmethod
     def from_json(cls, name: str, doc: object) -> _Entry:
@@ -225,7 +253,11 @@ class _Entry:
             raise AccountsCorrupt(f"{ACCOUNTS_KEY}: user {name!r} lacks disabled/created_at/changed_at")
         if not isinstance(hashed, str) or not hashed.startswith("$argon2id$"):
             raise AccountsCorrupt(f"{ACCOUNTS_KEY}: user {name!r} has no argon2id hash")
-        return cls(role, disabled, created[:64], changed[:64], hashed)
+        try:
+            endpoint = check_endpoint(doc.get("endpoint", ""))
+        except AccountError:
+            raise AccountsCorrupt(f"{ACCOUNTS_KEY}: user {name!r} has an unusable endpoint") from None
+        return cls(role, disabled, created[:64], changed[:64], hashed, endpoint)
 
 
 def _parse(data: bytes | None) -> dict[str, _Entry]:
@@ -357,14 +389,15 @@ class Accounts:
 
     # -- changes
 
-    async def add(self, name: str, role: Role, password: str) -> Account:
+    async def add(self, name: str, role: Role, password: str, *, endpoint: str = "") -> Account:
         """Create an account; :class:`AccountExists` if the name is taken."""
         name = check_user_name(name)
         role = parse_role(role)
+        endpoint = check_endpoint(endpoint)
         check_password(name, password)
         hashed = await asyncio.to_thread(self.hasher.hash, password)
         now = _now()
-        new = _Entry(role, False, now, now, hashed)
+        new = _Entry(role, False, now, now, hashed, endpoint)
 
         def change(users: Mapping[str, _Entry]) -> _Entry | None:
             if name in users:
@@ -394,6 +427,19 @@ class Accounts:
             new = replace(current, role=role, changed_at=_now())
             _keeps_an_admin(users, name, new)
             return new
+
+        await self._change(name, change)
+
+    async def set_endpoint(self, name: str, endpoint: str) -> None:
+        """Set (or clear, with "") the phone the console rings for this user."""
+        name = check_user_name(name)
+        endpoint = check_endpoint(endpoint)
+
+        def change(users: Mapping[str, _Entry]) -> _Entry | None:
+            current = self._known(users, name)
+            if current.endpoint == endpoint:
+                return None
+            return replace(current, endpoint=endpoint, changed_at=_now())
 
         await self._change(name, change)
 

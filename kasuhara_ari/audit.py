@@ -73,6 +73,9 @@ ACTIONS = (
     "user_disable",
     "user_enable",
     "user_role",
+    "user_endpoint",
+    # a console user joined a live call from the board (listen/whisper/barge): target = the call_id
+    "supervise",
 )
 _KEY_RE = re.compile(
     r"audit/(?P<y>[0-9]{4})/(?P<m>[0-9]{2})/(?P<d>[0-9]{2})/"

@@ -32,6 +32,16 @@ broker has acknowledged it; what was in flight when a connection dropped is sent
 see the same ``seq`` twice; a jump in ``seq`` means drops). The buffer is bounded by ``buffer_size``; when
 it is full the OLDEST event is dropped: the newest events describe the calls as they are now, which is
 what a supervisor's live view needs, and a gap in ``seq`` shows consumers exactly what is missing.
+
+Live snapshots: an :class:`MqttEvents` made with ``live_snapshots`` (as ``kasuhara serve`` runs it) also
+folds every call event it publishes into a :class:`~kasuhara_ari.live.LiveBoard` and keeps
+``<prefix>/live/<call_id>`` RETAINED with the call's snapshot (``kasuhara.live/1``), cleared (an empty
+retained payload) when the call ends. Call events are not retained, so without these a console or monitor
+started mid-call would not see the calls in progress. After every (re)connection the snapshots of the calls
+still live are published again: a broker restarted without persistence gets them back. A snapshot is built
+when it is sent (never a stale one), and one per call is pending at a time, outside the event buffer (a
+full buffer never drops it). Snapshots and the status carry ``boot``, this publisher's random id: a
+consumer ignores snapshots that an earlier run left retained.
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ from typing import Any, Protocol, Self, runtime_checkable
 import aiomqtt
 
 from kasuhara_ari.config import MqttConfig
+from kasuhara_ari.live import MAX_CALLS as LIVE_MAX_CALLS
+from kasuhara_ari.live import LiveBoard
 from kasuhara_ari.safe import clean_caller_text, clean_log_value, is_safe_call_id
 from kasuhara_ari.schemas import EVENT_SCHEMA
 
@@ -108,7 +120,7 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RESERVED = frozenset({"schema", "event", "call_id", "seq"})
-_RESERVED_STATUS = frozenset({"schema", "event", "at", "state", "reason", "hostname", "version"})
+_RESERVED_STATUS = frozenset({"schema", "event", "at", "state", "reason", "hostname", "version", "boot"})
 
 
 class EventNameError(ValueError):
@@ -280,6 +292,8 @@ class _Outgoing:
     acked: bool = False
     #: The retained status, built when sent (so a late one never carries stale details).
     status: bool = False
+    #: A call's retained live snapshot (its call_id), built when sent; cleared if the call is over.
+    live: str = ""
 
 
 class _CloseDeadline(Exception):
@@ -328,9 +342,11 @@ class MqttEvents:
         hostname: str | None = None,
         version: str | None = None,
         log_interval_s: float = 10.0,
+        live_snapshots: bool = False,
     ) -> None:
         """Connection settings come from ``config`` (the ``[mqtt]`` section; defaults if None), each
-        overridden by the keyword of the same name; the other keywords are tunables."""
+        overridden by the keyword of the same name; the other keywords are tunables. ``live_snapshots``:
+        keep the retained ``<prefix>/live/<call_id>`` snapshots (``kasuhara serve`` does)."""
         cfg = config if config is not None else MqttConfig()
         host = cfg.host if host is None else host
         port = cfg.port if port is None else port
@@ -363,6 +379,8 @@ class MqttEvents:
         self._client_id = client_id or f"kasuhara-{os.getpid()}-{secrets.token_hex(4)}"
         self._version = version or _version()
         self.status_topic = f"{self._prefix}/status"
+        #: This publisher's id in the status and the live snapshots (see the module docstring).
+        self.boot = secrets.token_hex(8)
 
         # Guards the buffer, seq and counters: emit() may come from threads. Reentrant, because encoding a
         # field calls its __str__, which might log, and a log handler might emit.
@@ -382,6 +400,13 @@ class MqttEvents:
         self._unknown_warned: set[str] = set()
         #: Health details every status payload carries (e.g. ``spool_disk``); see set_status_detail().
         self._status_details: dict[str, Any] = {}
+        self._live_snapshots = live_snapshots
+        #: The calls as this publisher's events describe them, for the retained live snapshots.
+        self._live = LiveBoard()
+        #: Calls whose snapshot (or clear) is to be published, in order; a call at most once.
+        self._live_dirty: dict[str, None] = {}
+        #: Calls that ended lately: a late or re-sent event must not bring one back as a live call.
+        self._live_ended: dict[str, None] = {}
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -420,7 +445,8 @@ class MqttEvents:
             else:
                 self._seq += 1
                 try:
-                    data = encode(build_payload(event, call_id, fields, seq=self._seq))
+                    payload = build_payload(event, call_id, fields, seq=self._seq)
+                    data = encode(payload)
                 except (TypeError, ValueError, RecursionError) as exc:
                     self._seq -= 1
                     data, reason = b"", f"not JSON: {exc}"
@@ -433,6 +459,8 @@ class MqttEvents:
                         self._buffer.append(_Outgoing(self._seq, topic, data))
                         self._accepted += 1
                         self._trim_locked()
+                        if self._live_snapshots:
+                            self._fold_live_locked(payload)
         if reason == "closed":
             self._log_drops("closed")
         elif reason:
@@ -441,6 +469,33 @@ class MqttEvents:
             if self._dropped_since_log:
                 self._log_drops("buffer_full")
             self._notify()
+
+    def _fold_live_locked(self, payload: Mapping[str, Any]) -> None:
+        """A published call event changes its call's snapshot (call with the lock held)."""
+        call_id = payload.get("call_id")
+        event = payload.get("event")
+        if not isinstance(call_id, str) or not isinstance(event, str) or "." in event:
+            return
+        if call_id in self._live_ended:
+            return  # late or re-sent after the end: the snapshot is cleared for good
+        call = self._live.apply(payload)
+        if call is None:
+            return
+        if not call.live:
+            self._live.remove(call_id)
+            self._live_ended[call_id] = None
+            while len(self._live_ended) > LIVE_MAX_CALLS:
+                del self._live_ended[next(iter(self._live_ended))]
+        self._live_dirty[call_id] = None
+
+    def live_snapshot(self, call_id: str) -> dict[str, Any] | None:
+        """The retained snapshot of a live call as it would be published now; None once it ended."""
+        with self._lock:
+            call = self._live.calls.get(call_id)
+            return call.snapshot(boot=self.boot) if call is not None else None
+
+    def live_topic(self, call_id: str) -> str:
+        return f"{self._prefix}/live/{call_id}"
 
     def _trim_locked(self) -> None:
         """Drop the oldest events beyond ``buffer_size`` (call with the lock held)."""
@@ -548,6 +603,7 @@ class MqttEvents:
                 "reason": reason,
                 "hostname": self._hostname,
                 "version": self._version,
+                "boot": self.boot,
             }
         )
 
@@ -661,6 +717,11 @@ class MqttEvents:
                         retain=True,
                         timeout=self._timeout(self._publish_timeout_s),
                     )
+                    with self._lock:
+                        # The broker may have lost the retained snapshots (restarted without
+                        # persistence): every live call's goes out again.
+                        for live_id in self._live.calls:
+                            self._live_dirty[live_id] = None
                     async with asyncio.TaskGroup() as tg:
                         watcher = tg.create_task(self._watch(client))
                         await self._drain(client)
@@ -707,6 +768,15 @@ class MqttEvents:
         while True:
             self._wake.clear()
             with self._lock:
+                # Snapshots share each window with the events, so a steady stream of events cannot
+                # starve them (and one per call is pending at most, so they cannot starve the events).
+                reserve = min(len(self._live_dirty), max(1, self._window // 4))
+                while self._buffer and len(self._inflight) < self._window - reserve:
+                    self._inflight.append(self._buffer.popleft())
+                while self._live_dirty and len(self._inflight) < self._window:
+                    live_id = next(iter(self._live_dirty))
+                    del self._live_dirty[live_id]
+                    self._inflight.append(_Outgoing(0, self.live_topic(live_id), b"", live=live_id))
                 while self._buffer and len(self._inflight) < self._window:
                     self._inflight.append(self._buffer.popleft())
                 batch = list(self._inflight)
@@ -752,6 +822,11 @@ class MqttEvents:
         if message.status:
             payload = self._status("online", "updated")
             await client.publish(message.topic, payload, qos=1, retain=True, timeout=math.inf)
+        elif message.live:
+            snapshot = self.live_snapshot(message.live)
+            # An empty retained payload deletes the retained message: the call is over.
+            data = encode(snapshot) if snapshot is not None else b""
+            await client.publish(message.topic, data, qos=1, retain=True, timeout=math.inf)
         else:
             await client.publish(message.topic, message.payload, qos=1, timeout=math.inf)
         message.acked = True
@@ -764,7 +839,8 @@ class MqttEvents:
                 if not m.acked:
                     break
                 done += 1
-            self._published += done
+            # Snapshots are not events: the counters count what consumers see as events.
+            self._published += sum(1 for m in self._inflight[:done] if not m.live)
             del self._inflight[:done]
 
     def _requeue_inflight(self) -> None:
@@ -776,7 +852,9 @@ class MqttEvents:
         with self._lock:
             for m in self._inflight:
                 m.acked = False
-            self._buffer.extendleft(reversed(self._inflight))
+                if m.live:
+                    self._live_dirty[m.live] = None  # built anew when sent again
+            self._buffer.extendleft(reversed([m for m in self._inflight if not m.live]))
             self._inflight.clear()
             self._trim_locked()
         if self._dropped_since_log:

@@ -47,7 +47,8 @@ class Runtime:
     def _default_events(self) -> EventSink:
         if not self.cfg.mqtt.enabled:
             return NullEvents()
-        publisher = MqttEvents(self.cfg.mqtt)
+        # The service's publisher keeps each live call's snapshot retained (<prefix>/live/<call_id>).
+        publisher = MqttEvents(self.cfg.mqtt, live_snapshots=True)
         self._runners.append(publisher.run)
         self._closers.append(lambda: publisher.close(timeout=3))
         return publisher

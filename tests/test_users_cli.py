@@ -107,7 +107,7 @@ def test_admin_manages_users_and_every_change_is_audited_without_secrets(env: di
         ("alice", "admin", False),
         ("bob", "viewer", False),
     ]
-    assert set(doc["users"][0]) == {"name", "role", "disabled", "created_at", "changed_at"}
+    assert set(doc["users"][0]) == {"name", "role", "disabled", "created_at", "changed_at", "endpoint"}
     assert "argon2" not in listed.stdout
     runs.append(listed)
     table = users(env, "list")

@@ -115,7 +115,7 @@ async def test_viewer_logs_in_in_japanese_switches_to_english_and_logs_out(
     assert await page.locator(".who").inner_text() == VIEWER
     assert await page.locator(".role").inner_text() == "閲覧者"
     await assert_rendered_with_cjk_font(page, "h1")
-    await assert_rendered_with_cjk_font(page, ".placeholder")
+    await assert_rendered_with_cjk_font(page, ".board-empty, .banner")  # (no [mqtt] here: the banner)
     await watched.screenshot(page, "board-ja")
 
     # The language button is a POST form with the page's CSRF token; it brings the user back to the board.

@@ -1,10 +1,11 @@
 """``kasuhara monitor``: a live view of calls and escalations from MQTT, for supervisors without a dashboard.
 
 Subscribes to ``<prefix>/#``. On a terminal the view is redrawn as events arrive (and every second, so
-durations tick); piped, it prints the changed call's line per event; ``--json`` prints every payload as
-one JSON line for machines. Call events are not retained: calls already running when the monitor starts
-appear with their next event. Everything shown that came from outside (caller name and number, endpoints)
-is cleaned of control characters first: a caller must not be able to write escape codes to a terminal.
+durations tick); piped, it prints the changed call's line per event; ``--json`` prints every event
+payload as one JSON line for machines. Calls already running when the monitor starts come from the
+service's retained snapshots (``<prefix>/live/<call_id>``, kasuhara_ari.live). Everything shown that
+came from outside (caller name and number, endpoints) is cleaned of control characters first: a caller
+must not be able to write escape codes to a terminal.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import sys
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import aiomqtt
@@ -24,34 +25,23 @@ import click
 
 from ..config import Config
 from ..events import mqtt_tls_context
+from ..live import MAX_DURATION_S, MAX_PAYLOAD_BYTES, LiveBoard, LiveCall, parse_at
 from ..safe import clean_caller_text, json_for_terminal, load_untrusted_json
 from .common import EXIT_FAILED, EXIT_OK, config_option, load_config
 
 #: How long an ended call stays on the live view.
 KEEP_ENDED_S = 60.0
-#: Longer than any call; a larger duration (or ``Infinity``) from a payload is shown as unknown.
-MAX_DURATION_S = 10 * 365 * 86400
-#: Calls the board remembers: a flood of made-up call ids must not grow the monitor without bound.
-MAX_CALLS = 5000
-#: The largest payload looked at (the service's are a few kB).
-MAX_PAYLOAD_BYTES = 256 * 1024
 COLUMNS = (("call_id", 24), ("state", 11), ("caller", 22), ("agent", 18), ("escalation", 30), ("duration", 8))
 
-_STATE_AFTER = {
-    "started": "answering",
-    "notice_played": "dialling",
-    "agent_ringing": "dialling",
-    "agent_answered": "talking",
-    "agent_unavailable": "no agent",
-    "escalation_requested": "escalating",
-    "supervisor_ringing": "escalating",
-    "supervisor_joined": "talking",
-    "supervisor_unavailable": "talking",
-    "caller_hungup": "ending",
-    "ended": "ended",
-    "recording_stored": "stored",
+#: The board's states (kasuhara_ari.live) in the words this view has always used.
+_STATE_WORDS = {"notice": "answering", "ringing": "dialling", "no_agent": "no agent"}
+_BADGE_WORDS = {
+    "flagged": "flagged",
+    "warning_played": "warned",
+    "final_warning": "final notice",
+    "long_call": "long",
+    "not_recorded": "NOT RECORDED",
 }
-_FINAL = {"ended": 1, "stored": 2}
 
 
 def _text(value: object, width: int) -> str:
@@ -60,18 +50,6 @@ def _text(value: object, width: int) -> str:
         return "-"
     text = clean_caller_text(value, max_chars=max(16, width * 4)) or "-"
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _parse_at(value: object) -> dt.datetime | None:
-    """An event's ``at`` as an aware UTC datetime; ``None`` if absent, naive, or with no UTC instant
-    (``0001-01-01T00:00:00+14:00`` parses but overflows every later comparison)."""
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-        return parsed.astimezone(dt.UTC) if parsed.tzinfo is not None else None
-    except (ValueError, OverflowError):
-        return None
 
 
 def _duration(seconds: float | None) -> str:
@@ -84,110 +62,85 @@ def _duration(seconds: float | None) -> str:
 
 @dataclass
 class CallView:
-    """One call as the monitor shows it."""
+    """One call as the monitor shows it: the shared model's call, in this view's words."""
 
-    call_id: str
-    state: str = "answering"
-    caller: str = ""
-    agent: str = ""
-    escalation: str = ""
-    marks: list[str] = field(default_factory=list)  # flagged, warned, ...
-    started: dt.datetime | None = None
-    ended: dt.datetime | None = None
-    duration_s: float | None = None
+    call: LiveCall
+
+    @property
+    def call_id(self) -> str:
+        return self.call.call_id
+
+    @property
+    def state(self) -> str:
+        return _STATE_WORDS.get(self.call.state, self.call.state)
+
+    @property
+    def caller(self) -> str:
+        c = self.call
+        return " ".join(x for x in (c.caller_number, f"({c.caller_name})" if c.caller_name else "") if x)
+
+    @property
+    def escalation(self) -> str:
+        c = self.call
+        if c.escalation == "requested":
+            return f"requested {c.escalation_key}".strip()
+        if c.escalation in ("ringing", "joined"):
+            return f"{c.escalation} {c.supervisor or '?'}"
+        return "nobody available" if c.escalation == "unavailable" else ""
+
+    @property
+    def marks(self) -> list[str]:
+        c = self.call
+        return [
+            f"repeat x{c.repeat_count}" if b == "repeat_caller" else _BADGE_WORDS[b]
+            for b in c.badges
+            if b in _BADGE_WORDS or b == "repeat_caller"
+        ]
+
+    @property
+    def started(self) -> dt.datetime | None:
+        return self.call.started_at
+
+    @property
+    def ended(self) -> dt.datetime | None:
+        return self.call.ended_at
 
     def duration(self, now: dt.datetime) -> str:
-        if self.duration_s is not None and self.ended is not None:
-            return _duration(self.duration_s)
-        if self.started is None:
-            return "-"
-        return _duration(((self.ended or now) - self.started).total_seconds())
+        return _duration(self.call.elapsed_s(now))
 
     def cells(self, now: dt.datetime) -> list[str]:
         escalation = "; ".join(x for x in (self.escalation, ", ".join(self.marks)) if x)
-        values = (self.call_id, self.state, self.caller, self.agent, escalation, self.duration(now))
+        values = (self.call_id, self.state, self.caller, self.call.agent, escalation, self.duration(now))
         return [_text(v, width) for v, (_, width) in zip(values, COLUMNS, strict=True)]
 
 
 class CallBoard:
-    """What the monitor knows, built from event payloads only (no I/O, so it is tested on its own)."""
+    """What the monitor knows: the shared :class:`~kasuhara_ari.live.LiveBoard`, seen as CallViews."""
 
     def __init__(self) -> None:
-        self.calls: dict[str, CallView] = {}
-        self.status: dict[str, Any] | None = None
+        self.board = LiveBoard()
+
+    @property
+    def calls(self) -> dict[str, CallView]:
+        return {call_id: CallView(call) for call_id, call in self.board.calls.items()}
+
+    @property
+    def status(self) -> dict[str, Any] | None:
+        return self.board.status
 
     def apply(self, payload: Mapping[str, Any]) -> CallView | None:
         """Take one payload in; return the call it changed (None for status and non-call events)."""
-        event = payload.get("event")
-        if event == "status":
-            self.status = dict(payload)
-            return None
-        call_id = payload.get("call_id")
-        if not isinstance(event, str) or "." in event or not isinstance(call_id, str):
-            return None
-        view = self.calls.get(call_id)
-        if view is None:
-            if len(self.calls) >= MAX_CALLS:
-                del self.calls[next(iter(self.calls))]  # the oldest seen
-            view = self.calls[call_id] = CallView(call_id=call_id, state="?")
-        at = _parse_at(payload.get("at"))
-        if event == "started":
-            view.started = at
-            caller = payload.get("caller")
-            if isinstance(caller, Mapping):
-                number, name = caller.get("number"), caller.get("name")
-                view.caller = " ".join(str(x) for x in (number, f"({name})" if name else None) if x)
-        elif event == "agent_answered":
-            view.agent = str(payload.get("agent") or "")
-            view.started = view.started or at
-        elif event == "escalation_requested":
-            view.escalation = f"requested {payload.get('key') or ''}".strip()
-        elif event == "supervisor_ringing":
-            view.escalation = f"ringing {payload.get('supervisor') or '?'}"
-        elif event == "supervisor_joined":
-            view.escalation = f"joined {payload.get('supervisor') or '?'}"
-        elif event == "supervisor_unavailable":
-            view.escalation = "nobody available"
-        elif event == "flagged":
-            self._mark(view, "flagged")
-        elif event == "warning_played":
-            self._mark(view, "final notice" if payload.get("final") else "warned")
-        elif event == "long_call":
-            self._mark(view, "long")
-        elif event == "repeat_caller":
-            self._mark(view, f"repeat x{payload.get('count')}")
-        elif event == "recording_failed":
-            self._mark(view, "NOT RECORDED")
-        elif event == "ended":
-            view.ended = at
-            duration = payload.get("duration_s")
-            finite = isinstance(duration, int | float) and math.isfinite(duration)
-            view.duration_s = float(duration) if finite and duration is not None else None
-        new_state = _STATE_AFTER.get(event)
-        if event == "warning_played" and payload.get("final"):
-            new_state = "ending"
-        # Events can come late or twice (at-least-once): a call never leaves ended/stored again.
-        if new_state is not None and _FINAL.get(new_state, 0) >= _FINAL.get(view.state, 0):
-            view.state = new_state
-        if view.state == "?":
-            view.state = "active"
-        return view
-
-    @staticmethod
-    def _mark(view: CallView, mark: str) -> None:
-        if mark not in view.marks:
-            view.marks.append(mark)
+        call = self.board.apply(payload)
+        return CallView(call) if call is not None else None
 
     def expire(self, now: dt.datetime, keep_s: float = KEEP_ENDED_S) -> None:
         """Forget calls that ended more than ``keep_s`` ago."""
-        for call_id, view in list(self.calls.items()):
-            if view.ended is not None and (now - view.ended).total_seconds() > keep_s:
-                del self.calls[call_id]
+        self.board.expire(now, keep_s)
 
     def status_line(self, tz: dt.tzinfo) -> str:
         if self.status is None:
             return "service: unknown (no retained status yet)"
-        at = _parse_at(self.status.get("at"))
+        at = parse_at(self.status.get("at"))
         try:
             since = at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if at else "?"
         except OverflowError:  # 9999-12-31T23:00Z is no date in Tokyo
@@ -213,7 +166,10 @@ def row(cells: list[str]) -> str:
 class _Output:
     """Writes the view (terminal: full redraws; pipe: one line per change) or JSON lines."""
 
-    def __init__(self, out: TextIO, *, as_json: bool, live: bool, tz: dt.tzinfo) -> None:
+    def __init__(
+        self, out: TextIO, *, as_json: bool, live: bool, tz: dt.tzinfo, prefix: str = "kasuhara"
+    ) -> None:
+        self.live_prefix = f"{prefix}/live/"
         self.out = out
         self.as_json = as_json
         self.live = live and not as_json
@@ -229,8 +185,38 @@ class _Output:
         self._started = True
         self.redraw()
 
+    def snapshot(self, call_id: str, raw: bytes) -> None:
+        """A call's retained snapshot (``<prefix>/live/<call_id>``): how calls already running when the
+        monitor starts are shown. State, not an event: never counted, never printed as JSON."""
+        board = self.board.board
+        known = board.calls.get(call_id)
+        if not raw:
+            if known is not None and known.live:
+                board.remove(call_id)  # ended while we missed its events
+            return
+        try:
+            doc = load_untrusted_json(raw, max_bytes=MAX_PAYLOAD_BYTES, max_depth=8)
+        except ValueError:
+            return
+        call = LiveCall.from_snapshot(doc, call_id) if isinstance(doc, dict) else None
+        boot = (board.status or {}).get("boot")
+        if call is None or (boot and doc.get("boot") not in (None, boot)) or (known and not known.live):
+            return  # not a snapshot, one an earlier run of the service left, or of a call that ended
+        board.put(call)
+        if known is None and not self.live:
+            now = dt.datetime.now(dt.UTC)
+            clock = now.astimezone(self.tz).strftime("%H:%M:%S")
+            self.out.write(f"{clock}  {row(CallView(call).cells(now))}\n")
+            self.out.flush()
+        elif self.live:
+            self.redraw()
+
     def message(self, topic: str, raw: bytes) -> bool:
         """Handle one message; True when it counted as an event (for --count)."""
+        if topic.startswith(self.live_prefix):
+            if not self.as_json:
+                self.snapshot(topic[len(self.live_prefix) :], raw)
+            return False
         try:
             # Anyone who may publish on the prefix writes these, and a retained one is read at every
             # start: NaN, Infinity, deep nesting and huge payloads are refused here, once.
@@ -299,7 +285,7 @@ async def watch(
         tz: dt.tzinfo = zoneinfo.ZoneInfo(cfg.general.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         tz = dt.UTC
-    output = _Output(out, as_json=as_json, live=live, tz=tz)
+    output = _Output(out, as_json=as_json, live=live, tz=tz, prefix=mqtt.topic_prefix)
     where = f"{mqtt.host}:{mqtt.port}"
     shown = 0
     connected_before = False

@@ -24,6 +24,7 @@ from ..accounts import (
     LastAdminError,
     Role,
     UnknownAccount,
+    check_endpoint,
     check_password,
     check_user_name,
 )
@@ -47,6 +48,13 @@ def _name_arg(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
         return check_user_name(value)
     except AccountError as exc:
         raise click.BadParameter(str(exc), param_hint="'NAME'") from None
+
+
+def _endpoint_option(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    try:
+        return check_endpoint(value)
+    except AccountError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--endpoint'") from None
 
 
 def _open_store(cfg: Config, command: str, *, require_admin: bool) -> MinioStore:
@@ -154,8 +162,8 @@ def users() -> None:
 
     Stored in the bucket as users/accounts.json (argon2id hashes; every change keeps the previous
     version under the bucket's object lock). Changes need the admin S3 credentials and are audited
-    (user_add, user_passwd, user_disable, user_enable, user_role). Passwords are prompted for, or read
-    with --password-stdin: never given as an option. The last enabled admin cannot be disabled or
+    (user_add, user_passwd, user_disable, user_enable, user_role, user_endpoint). Passwords are prompted
+    for, or read with --password-stdin: never given as an option. The last enabled admin cannot be disabled or
     demoted. Exit codes: 0 done, 1 failed, 2 bad usage or configuration, 3 refused.
     """
 
@@ -164,19 +172,29 @@ def users() -> None:
 @config_option
 @click.argument("name", callback=_name_arg)
 @click.option("--role", type=click.Choice(ROLES), required=True, help="What the user may do.")
+@click.option(
+    "--endpoint",
+    default="",
+    callback=_endpoint_option,
+    help="The user's phone, rung when they join a call from the console's board (e.g. PJSIP/alice; "
+    "default: the first of escalation.supervisors).",
+)
 @_password_stdin_option
 @_reason_option
-def add(config_path: str | None, name: str, role: str, password_stdin: bool, reason: str) -> None:
+def add(
+    config_path: str | None, name: str, role: str, endpoint: str, password_stdin: bool, reason: str
+) -> None:
     """Create the account NAME (lower case a-z 0-9 . _ -, up to 64 characters)."""
     cfg = load_config(config_path)
     store = _open_store(cfg, "add", require_admin=True)
     password = read_password(name, password_stdin)
 
     async def change(accounts: Accounts) -> bool:
-        await accounts.add(name, Role(role), password)
+        await accounts.add(name, Role(role), password, endpoint=endpoint)
         return True
 
-    _run(cfg, lambda: _audited(cfg, store, "user_add", name, reason, {"role": role}, change))
+    details = {"role": role, **({"endpoint": endpoint} if endpoint else {})}
+    _run(cfg, lambda: _audited(cfg, store, "user_add", name, reason, details, change))
     click.echo(f"{name}: added ({role})")
     raise SystemExit(EXIT_OK)
 
@@ -265,6 +283,33 @@ def role_cmd(config_path: str | None, name: str, role: str, reason: str) -> None
     raise SystemExit(EXIT_OK)
 
 
+@users.command("endpoint")
+@config_option
+@click.argument("name", callback=_name_arg)
+@click.argument("endpoint", default="", callback=_endpoint_option)
+@_reason_option
+def endpoint_cmd(config_path: str | None, name: str, endpoint: str, reason: str) -> None:
+    """Set the phone the console rings when NAME joins a call from the board (e.g. PJSIP/alice);
+    without ENDPOINT, clear it (escalation.supervisors[0] is rung)."""
+    cfg = load_config(config_path)
+    store = _open_store(cfg, "endpoint", require_admin=True)
+
+    async def change(accounts: Accounts) -> bool:
+        current = await accounts.get(name)
+        if current is None:
+            raise UnknownAccount(f"no user {name!r}")
+        if current.endpoint == endpoint:
+            return False
+        await accounts.set_endpoint(name, endpoint)
+        return True
+
+    details = {"endpoint": endpoint}
+    changed = _run(cfg, lambda: _audited(cfg, store, "user_endpoint", name, reason, details, change))
+    shown = endpoint or "(none: escalation.supervisors[0])"
+    click.echo(f"{name}: endpoint {shown}" if changed else f"{name}: endpoint already {shown}, nothing to do")
+    raise SystemExit(EXIT_OK)
+
+
 @users.command("list")
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts (never any hash).")
@@ -289,6 +334,7 @@ def list_cmd(config_path: str | None, as_json: bool) -> None:
                     "disabled": a.disabled,
                     "created_at": a.created_at,
                     "changed_at": a.changed_at,
+                    "endpoint": a.endpoint or None,
                 }
                 for a in found
             ]
@@ -297,8 +343,11 @@ def list_cmd(config_path: str | None, as_json: bool) -> None:
     elif not found:
         click.echo("no console users yet (kasuhara users add NAME --role admin)")
     else:
-        click.echo(f"{'name':<24} {'role':<11} {'state':<9} {'created':<26} changed")
+        click.echo(f"{'name':<24} {'role':<11} {'state':<9} {'created':<26} {'changed':<26} endpoint")
         for a in found:
             state = "disabled" if a.disabled else "enabled"
-            click.echo(f"{a.name:<24} {a.role.value:<11} {state:<9} {a.created_at:<26} {a.changed_at}")
+            click.echo(
+                f"{a.name:<24} {a.role.value:<11} {state:<9} {a.created_at:<26} {a.changed_at:<26} "
+                f"{a.endpoint or '-'}".rstrip()
+            )
     raise SystemExit(EXIT_OK)

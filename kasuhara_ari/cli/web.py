@@ -58,6 +58,9 @@ def web(config_path: str | None) -> None:
             access_log=False,  # the console logs its own events; request lines carry query strings
             log_config=None,  # the kasuhara log handler (stderr, escaped)
             lifespan="on",  # the pages' background work (board feed, audit events) starts with the app
+            # Open boards (server-sent events) never finish by themselves: at shutdown they are cut
+            # after this grace period instead of holding the process forever.
+            timeout_graceful_shutdown=3,
         )
     )
     click.echo(f"kasuhara web: starting on http://{cfg.web.bind}:{cfg.web.port}/", err=True)

@@ -82,6 +82,7 @@ PERMITS: Mapping[str, frozenset[Role]] = {
     "callers_add": _ADMIN,
     "callers_remove": _ADMIN,
     "users_admin": _ADMIN,  # kasuhara users add/passwd/disable/enable/role (console accounts)
+    "supervise": frozenset({"supervisor", "admin"}),  # join a live call from the console's board
 }
 
 

@@ -77,6 +77,20 @@ class SessionStore:
         session.last_seen = now
         return session
 
+    def peek(self, session_id: str | None) -> Session | None:
+        """The live session for this id WITHOUT restarting its idle clock (a long-lived stream re-checks
+        its session with this: an open board alone must not keep a session alive forever)."""
+        if not session_id:
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        now = self._clock()
+        if now - session.last_seen > self._idle_s or now - session.created > self._max_s:
+            del self._sessions[session_id]
+            return None
+        return session
+
     def delete(self, session_id: str | None) -> None:
         if session_id:
             self._sessions.pop(session_id, None)
