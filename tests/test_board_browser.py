@@ -14,26 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from browser import SESSION_LOOP, BrowserSession, Watched, browser_session, watched  # noqa: F401  (fixtures)
 from test_users_cli import audit_records, users
+from web_process import console_process
 
 from kasuhara_ari.config import Config
 from kasuhara_ari.service import Service
 
 from conftest import REPO, STACK_CONFIG, closed_port
 from escalation_helpers import clean_spool, stop_all, supervisor_endpoint, supervisor_phone, wait_for_files
-from recordings_seed import cli_command, cli_env
+from recordings_seed import cli_env
 from s3_fixture import fresh_bucket
 from sip import agent_port, answering, caller, free_udp_port
 
@@ -111,25 +108,8 @@ def board_web(mqtt_broker: Config) -> Iterator[WebConsole]:
             stdin=SUPERVISOR_PW + "\n",
         )
         assert made.returncode == 0, made.stderr
-        proc = subprocess.Popen(
-            cli_command("web"), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        url = f"http://127.0.0.1:{env['KASUHARA_WEB__PORT']}"
-        try:
-            with httpx.Client(base_url=url, timeout=5) as client:
-                for _ in range(300):
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get("/healthz").status_code == 200:
-                            break
-                    assert proc.poll() is None, proc.communicate()[1]
-                    time.sleep(0.1)
-                else:
-                    pytest.fail("kasuhara web did not answer")
+        with console_process(env) as url:
             yield WebConsole(url, prefix, sup_port, env)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            _, stderr = proc.communicate(timeout=30)
-            assert "Traceback" not in stderr, stderr
 
 
 async def log_in(context: Any, url: str, name: str, password: str) -> Any:

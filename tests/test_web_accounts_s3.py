@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator, Mapping
 
@@ -13,6 +12,7 @@ import httpx
 import pytest
 from test_users_cli import users
 from test_web_auth import login, page_token
+from web_process import console_process
 
 from conftest import REPO, closed_port
 from recordings_seed import cli_command, cli_env
@@ -32,26 +32,10 @@ def env() -> Iterator[dict[str, str]]:
 
 @contextlib.asynccontextmanager
 async def running_console(env: Mapping[str, str]) -> AsyncIterator[httpx.AsyncClient]:
-    """``kasuhara web`` in a subprocess; a client for it once ``/healthz`` answers; SIGTERM after."""
-    proc = subprocess.Popen(
-        cli_command("web"), env=dict(env), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    base = f"http://127.0.0.1:{env['KASUHARA_WEB__PORT']}"
-    try:
+    """``kasuhara web`` in a subprocess (tests/web_process.py) and a client for it."""
+    with console_process(env) as base:
         async with httpx.AsyncClient(base_url=base, timeout=10, headers={"Origin": base}) as client:
-            for _ in range(300):
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                assert proc.poll() is None, proc.communicate()[1]
-                await asyncio.sleep(0.1)
-            else:
-                pytest.fail("kasuhara web did not answer")
             yield client
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-        assert "Traceback" not in stderr, stderr
 
 
 async def test_users_made_with_the_cli_log_in_and_their_roles_hold(env: dict[str, str]) -> None:

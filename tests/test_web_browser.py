@@ -9,21 +9,17 @@ session lives (tests/browser.py).
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 from browser import SESSION_LOOP, Watched, browser_session, drawn_as_tofu, platform_fonts, watched  # noqa: F401  (fixtures)
 from test_users_cli import users
+from web_process import console_process
 
-from conftest import REPO, closed_port
-from recordings_seed import cli_command, cli_env
+from conftest import closed_port
+from recordings_seed import cli_env
 from s3_fixture import fresh_bucket
 
 if TYPE_CHECKING:
@@ -50,25 +46,8 @@ def console() -> Iterator[Console]:
         for name, role, password in ((VIEWER, "viewer", VIEWER_PW), (ADMIN, "admin", ADMIN_PW)):
             made = users(env, "add", name, "--role", role, "--password-stdin", stdin=password + "\n")
             assert made.returncode == 0, made.stderr
-        proc = subprocess.Popen(
-            cli_command("web"), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        url = f"http://127.0.0.1:{env['KASUHARA_WEB__PORT']}"
-        try:
-            with httpx.Client(base_url=url, timeout=5) as client:
-                for _ in range(300):
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get("/healthz").status_code == 200:
-                            break
-                    assert proc.poll() is None, proc.communicate()[1]
-                    time.sleep(0.1)
-                else:
-                    pytest.fail("kasuhara web did not answer")
+        with console_process(env) as url:
             yield Console(url)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            _, stderr = proc.communicate(timeout=30)
-            assert "Traceback" not in stderr, stderr
 
 
 async def log_in(watch: Watched, console: Console, name: str, password: str) -> Page:

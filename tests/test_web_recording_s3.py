@@ -10,14 +10,10 @@ tests (SESSION_LOOP).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import random
-import signal
 import struct
-import subprocess
-import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,9 +26,10 @@ import pytest
 from browser import SESSION_LOOP, Watched, browser_session, watched  # noqa: F401  (fixtures)
 from test_users_cli import users
 from test_web_auth import CSRF_RE
+from web_process import console_process
 
-from conftest import REPO, closed_port
-from recordings_seed import cli_command, cli_env, iso, seed
+from conftest import closed_port
+from recordings_seed import cli_env, iso, seed
 from s3_fixture import S3Target, fresh_bucket, open_store
 
 if TYPE_CHECKING:
@@ -128,25 +125,8 @@ def stack() -> Iterator[Stack]:
             made = users(env, "add", name, "--role", role, "--password-stdin", stdin=password + "\n")
             assert made.returncode == 0, made.stderr
         audio, audio_key = asyncio.run(_seed(target, bucket))
-        proc = subprocess.Popen(
-            cli_command("web"), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        url = f"http://127.0.0.1:{env['KASUHARA_WEB__PORT']}"
-        try:
-            with httpx.Client(base_url=url, timeout=5) as client:
-                for _ in range(300):
-                    with contextlib.suppress(httpx.TransportError):
-                        if client.get("/healthz").status_code == 200:
-                            break
-                    assert proc.poll() is None, proc.communicate()[1]
-                    time.sleep(0.1)
-                else:
-                    pytest.fail("kasuhara web did not answer")
+        with console_process(env) as url:
             yield Stack(url, target, bucket, audio, audio_key)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            _, stderr = proc.communicate(timeout=30)
-            assert "Traceback" not in stderr, stderr
 
 
 async def http_login(client: httpx.AsyncClient, name: str, password: str) -> str:
