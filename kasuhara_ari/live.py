@@ -41,9 +41,11 @@ BADGES = (
     "long_call",
     "repeat_caller",
     "not_recorded",
+    "monologue",
+    "talk_over",
 )
-#: Badges that draw a supervisor's attention on the board.
-ALERT_BADGES = frozenset({"flagged", "final_warning"})
+#: Badges that draw a supervisor's attention on the board (a detection does: it is why it exists).
+ALERT_BADGES = frozenset({"flagged", "final_warning", "monologue", "talk_over"})
 
 _STATE_AFTER = {
     "started": "notice",
@@ -297,6 +299,8 @@ class LiveBoard:
             call.mark("repeat_caller")
         elif event == "recording_failed":
             call.mark("not_recorded")
+        elif event in ("monologue_detected", "talk_over_detected"):
+            call.mark(event.removesuffix("_detected"))
         elif event == "ended":
             call.ended_at = at
             call.duration_s = _duration(payload.get("duration_s"))

@@ -694,3 +694,18 @@ def test_monitor_shows_a_call_already_running_from_its_snapshot() -> None:
             assert output.board.calls["c1"].state == "talking"
             output.message(f"{PREFIX}/live/c1", b"")  # cleared while the monitor missed the end
             assert "c1" not in output.board.calls
+
+
+def test_detections_draw_attention_on_the_board() -> None:
+    """A monologue or an agent talked over (issue 14's detections) is why a supervisor should look."""
+    board = LiveBoard()
+    board.apply(started())
+    board.apply(ev("agent_answered", 8, agent="PJSIP/agent"))
+    call = board.calls["c1"]
+    assert not call.alert
+    board.apply(ev("monologue_detected", 70, talking_s=60.0, offset_s=70.0, mode="observe"))
+    assert call.alert and call.badges == ["monologue"]
+    board.apply(ev("talk_over_detected", 90, attempts=3, window_s=60, offset_s=90.0, mode="observe"))
+    assert call.badges == ["monologue", "talk_over"]
+    back = LiveCall.from_snapshot(json.loads(json.dumps(call.snapshot(boot="b1"))), "c1")
+    assert back is not None and back.badges == ["monologue", "talk_over"] and back.alert

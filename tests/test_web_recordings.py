@@ -215,6 +215,8 @@ def test_markers_from_the_metadata_on_the_recording_clock() -> None:
         "timeline": [
             {"event": "notice_played", "at": iso(t0 + timedelta(seconds=6))},
             {"event": "supervisor_joined", "at": iso(t0 + timedelta(seconds=50))},
+            {"event": "monologue_detected", "at": iso(t0 + timedelta(seconds=21)), "talking_s": 60.0},
+            {"event": "talk_over_detected", "at": iso(t0 + timedelta(seconds=26)), "attempts": 3},
             "junk",
         ],
     }
@@ -222,6 +224,8 @@ def test_markers_from_the_metadata_on_the_recording_clock() -> None:
     assert got == [
         ("notice", 5.0),
         ("answered", 8.0),
+        ("monologue", 20.0),  # live detection (issue 14), from the timeline
+        ("talk_over", 25.0),
         ("flag", 30.0),
         ("warning", 40.0),
         ("supervisor", 49.0),  # the timeline's join time, not the escalation's request time

@@ -28,7 +28,7 @@ MAX_MARKERS = 200
 #: How far into the file the WAV header (RIFF, fmt, data chunk start) may reach.
 MAX_HEADER_BYTES = 64 * 1024
 
-MARKER_KINDS = ("notice", "answered", "flag", "warning", "supervisor", "ended")
+MARKER_KINDS = ("notice", "answered", "flag", "warning", "supervisor", "monologue", "talk_over", "ended")
 
 
 @dataclass(frozen=True)
@@ -275,8 +275,9 @@ def _time(value: object) -> datetime | None:
 
 def markers(doc: Mapping[str, Any]) -> list[Marker]:
     """The call's events on the recording's clock, in time order: notice, agent answered, flag, warning,
-    supervisor joined, ended. From the metadata (escalations, agent_answered_at, ended_at) and, where the
-    metadata has no field for it, the published ``timeline``. Unparseable times are left out."""
+    supervisor joined, detections (monologue, talk-over), ended. From the metadata (escalations,
+    agent_answered_at, ended_at) and, where the metadata has no field for it, the published ``timeline``.
+    Unparseable times are left out."""
     start = _time(doc.get("answered_at")) or _time(doc.get("started_at"))
     if start is None:
         return []
@@ -303,6 +304,9 @@ def markers(doc: Mapping[str, Any]) -> list[Marker]:
         e.get("at") for e in escalations if e.get("action") == "supervisor" and e.get("result") == "joined"
     ]
     found += [("supervisor", at) for at in joined]
+    # Live detection (issue 14): when the detector reported, from the timeline.
+    found += [("monologue", at) for at in events("monologue_detected")]
+    found += [("talk_over", at) for at in events("talk_over_detected")]
     found += [("ended", at) for at in ([doc.get("ended_at")] if doc.get("ended_at") else events("ended"))]
     out: list[Marker] = []
     for kind, at in found[: MAX_MARKERS * 2]:
