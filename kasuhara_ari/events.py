@@ -112,6 +112,8 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "recording_stored": frozenset({"key"}),
     "metadata_quarantined": frozenset({"reason"}),
     "hold_incomplete": frozenset({"reason"}),
+    "monologue_detected": frozenset({"offset_s", "mode", "talking_s"}),
+    "talk_over_detected": frozenset({"offset_s", "mode", "attempts"}),
 }
 #: Namespaces that route to ``<prefix>/<namespace>/<name>`` instead of a call's topic.
 NAMESPACES = frozenset({"retention", "audit"})

@@ -63,15 +63,20 @@ def test_a_service_logs_json_lines_when_configured() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
+        lines: list[str] = []
         try:
             assert proc.stderr is not None
-            ready = select.select([proc.stderr], [], [], 60)[0]
-            assert ready, "the daemon wrote no log line within 60 s"
-            first = proc.stderr.readline()
+            # Until the daemon has logged its schedule (its first lines may be others, e.g. readiness).
+            while not any("next_sweep" in line for line in lines):
+                ready = select.select([proc.stderr], [], [], 60)[0]
+                assert ready, f"the daemon logged no next_sweep within 60 s: {lines}"
+                line = proc.stderr.readline()
+                assert line, f"the daemon ended: {lines}"
+                lines.append(line)
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
-    lines = [first, *err.splitlines()]
+    lines += err.splitlines()
     logged = [json.loads(line) for line in lines if line.startswith("{")]
     assert any(doc.get("event") == "next_sweep" and doc.get("scope") == "retention" for doc in logged), lines
     # Whatever is not a JSON log line is the command's own output (click.echo), never a text log line.

@@ -31,7 +31,7 @@ from test_flag_e2e_sip import _registered
 from kasuhara_ari.config import Config
 
 from conftest import REPO, STACK_CONFIG, skip_or_fail
-from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
+from s3_fixture import create_bucket, destroy_bucket, fresh_bucket, open_store, require_s3, unique_bucket
 from sip import agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
@@ -137,11 +137,15 @@ def test_the_installed_kasuhara_runs_from_its_venv_and_checks_the_stack(
     )
     for line in where.stdout.split():
         assert Path(line).is_relative_to(installed), f"imported from outside the install: {line}"
-    doctor = run(
-        [kasuhara, "doctor", "--json"], cwd=str(tmp_path), env=clean_env(KASUHARA_CONFIG=str(STACK_CONFIG))
-    )
+    # A bucket of its own (object lock on), so that the S3 and console checks have something to find.
+    with fresh_bucket("kpd") as (_, bucket):
+        doctor = run(
+            [kasuhara, "doctor", "--json"],
+            cwd=str(tmp_path),
+            env=clean_env(KASUHARA_CONFIG=str(STACK_CONFIG), KASUHARA_STORAGE__BUCKET=bucket),
+        )
     checks = json.loads(doctor.stdout)
-    for name in ("config", "ari", "ami", "mqtt", "spool", "web"):
+    for name in ("config", "ari", "ami", "mqtt", "s3", "spool", "web"):
         assert checks[name]["ok"], (name, checks[name])
 
 

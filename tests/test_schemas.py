@@ -57,6 +57,10 @@ def _minimal(event: str) -> dict[str, Any]:
         "count": 3,
         "error": "AMI not connected",
         "reason": "bad.json: nested deeper than 64 levels",
+        "offset_s": 70.2,
+        "mode": "observe",
+        "talking_s": 60.0,
+        "attempts": 3,
     }
     fields = {name: values[name] for name in CALL_EVENTS[event]}
     if event == "recording_stored":
