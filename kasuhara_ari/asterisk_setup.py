@@ -38,6 +38,8 @@ BEGIN = "; >>> kasuhara-ari: added by `kasuhara asterisk install`; `kasuhara ast
 END = "; <<< kasuhara-ari"
 #: The prompts shipped in the package (a link to asterisk_conf/sounds in a checkout; copied into the wheel).
 SOUNDS = Path(__file__).resolve().parent / "data" / "sounds"
+#: Prompts of the test suite only (the 0.5 s test notice): never installed on a PBX.
+TEST_ONLY_PREFIX = "test-"
 #: AMI classes the app uses: MixMonitor/StopMixMonitor need ``system`` and ``call`` to write; the FastAGI
 #: call-end watch reads ``Hangup`` (``call``); ``system`` events tell a restart.
 AMI_READ = "call,system"
@@ -372,6 +374,8 @@ exten => fallback,1,MixMonitor({spool}/unmanaged/${{UNIQUEID}}.wav)
             plan.notes.append(f"no prompts in this install ({self.source}): copy them by hand")
             return
         for wav in sorted(self.source.glob("*/kasuhara/*.wav")):
+            if wav.name.startswith(TEST_ONLY_PREFIX):
+                continue
             lang = wav.parent.parent.name
             target = self.sounds_dir / lang / "kasuhara" / wav.name
             content = wav.read_bytes()

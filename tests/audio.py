@@ -216,9 +216,18 @@ class RtpPacket:
 
 def rtp_to(pcap: Path, port: int) -> list[RtpPacket]:
     """The RTP packets sent to ``port`` (a phone's media port) in arrival order."""
+    return _rtp(pcap, port, to=True)
+
+
+def rtp_from(pcap: Path, port: int) -> list[RtpPacket]:
+    """The RTP packets sent from ``port`` (a phone's media port) in the order they were sent."""
+    return _rtp(pcap, port, to=False)
+
+
+def _rtp(pcap: Path, port: int, *, to: bool) -> list[RtpPacket]:
     packets = []
-    for at, _, dport, udp in read_pcap(pcap):
-        if dport != port or len(udp) < 12 or udp[0] >> 6 != 2:
+    for at, sport, dport, udp in read_pcap(pcap):
+        if (dport if to else sport) != port or len(udp) < 12 or udp[0] >> 6 != 2:
             continue
         csrc = (udp[0] & 0x0F) * 4
         seq, ts = struct.unpack("!HI", udp[2:8])
@@ -305,3 +314,56 @@ def contains_in_pieces(
         scores.append(score)
     scores.sort()
     return (scores[len(scores) // 2] if scores else -1.0), lag / 100
+
+
+# --- in-band DTMF (Goertzel on the DTMF frequency pairs) --------------------------------------------------
+
+DTMF_ROWS = (697.0, 770.0, 852.0, 941.0)
+DTMF_COLS = (1209.0, 1336.0, 1477.0, 1633.0)
+DTMF_KEYS = ("123A", "456B", "789C", "*0#D")
+#: RFC 4733 event codes 0-15 as keys.
+DTMF_EVENTS = "0123456789*#ABCD"
+#: Asterisk's in-band DTMF generator plays each tone at 7219 (indications.c: "-8db"): the level a caller
+#: would hear if the agent's keys leaked in-band.
+ASTERISK_DTMF_AMPLITUDE = 7219.0
+
+
+def dtmf_tone(
+    key: str, seconds: float, *, amplitude: float = ASTERISK_DTMF_AMPLITUDE, rate: int = 8000
+) -> list[int]:
+    """The two tones of ``key`` (a control: what in-band DTMF would look like)."""
+    row = next(i for i, keys in enumerate(DTMF_KEYS) if key in keys)
+    low, high = DTMF_ROWS[row], DTMF_COLS[DTMF_KEYS[row].index(key)]
+    n = int(seconds * rate)
+    return [
+        int(amplitude * (math.sin(2 * math.pi * low * i / rate) + math.sin(2 * math.pi * high * i / rate)))
+        for i in range(n)
+    ]
+
+
+def dtmf_in_band(samples: list[int] | list[float], rate: int = 8000, *, min_amplitude: float = 1000.0) -> str:
+    """The DTMF keys heard in ``samples``: 40 ms Hann-windowed frames (20 ms apart) in which one row tone
+    and one column tone each stand over ``min_amplitude`` and at least 3x over the other tones of their
+    group (a steady test tone leaking into one bin cannot make a pair), for 2 frames or more in a row."""
+    n, hop = rate // 25, rate // 50
+    hann = [0.5 - 0.5 * math.cos(2 * math.pi * i / (n - 1)) for i in range(n)]
+    frames: list[str] = []
+    for start in range(0, len(samples) - n + 1, hop):
+        frame = [x * w for x, w in zip(samples[start : start + n], hann, strict=True)]
+        key = ""
+        rows = sorted(
+            ((tone_amplitude(frame, rate, f) * 2, i) for i, f in enumerate(DTMF_ROWS)), reverse=True
+        )
+        cols = sorted(
+            ((tone_amplitude(frame, rate, f) * 2, i) for i, f in enumerate(DTMF_COLS)), reverse=True
+        )
+        if all(g[0][0] > max(min_amplitude, 3 * g[1][0]) for g in (rows, cols)):
+            key = DTMF_KEYS[rows[0][1]][cols[0][1]]
+        frames.append(key)
+    heard, run, previous = [], 0, ""
+    for key in frames:
+        run = run + 1 if key == previous else 1
+        previous = key
+        if key and run == 2:
+            heard.append(key)
+    return "".join(heard)

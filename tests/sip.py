@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
 import shutil
@@ -25,8 +26,22 @@ ASTERISK_SIP = "127.0.0.1:5060"
 _used_ports: set[int] = set()
 
 
+def worker_slice(lo: int, hi: int) -> tuple[int, int]:
+    """This pytest-xdist worker's own part of [lo, hi]: tests running side by side on several workers
+    never pick the same port (a port is checked free, then bound by SIPp a moment later)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or not worker[2:].isdigit() or count < 2:
+        return lo, hi
+    index = int(worker[2:]) % count
+    size = (hi - lo + 1) // count
+    return lo + index * size, lo + (index + 1) * size - 1
+
+
 def free_udp_port(lo: int, hi: int) -> int:
-    """A free UDP port in [lo, hi] (tests pick agent ports 5100-5999: the dialplan maps 5XXX to them)."""
+    """A free UDP port in [lo, hi] (tests pick agent ports 5100-5999: the dialplan maps 5XXX to them),
+    from this xdist worker's slice of it."""
+    lo, hi = worker_slice(lo, hi)
     for _ in range(200):
         port = random.randint(lo, hi)
         if port in _used_ports:

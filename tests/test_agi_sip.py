@@ -32,10 +32,15 @@ from kasuhara_ari.safe import clean_caller_name
 from kasuhara_ari.schemas import validate_recording
 
 from audio import contains_at_start, duration_s, header_is_final
+from conftest import stop_service_task
 from s3_fixture import S3Target, fresh_bucket, open_store
 from sip import Phone, agent_port, answering, caller
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # The stack's dialplan sends every 4XXX call to the one FastAGI port: these tests take turns on it.
+    pytest.mark.xdist_group("asterisk-agi"),
+]
 
 REPO = Path(__file__).resolve().parent.parent
 NOTICE_JA = REPO / "asterisk_conf/sounds/ja/kasuhara/recording-notice.wav"
@@ -106,9 +111,9 @@ async def agi_factory() -> AsyncIterator[Starter]:
 
 
 async def stop_agi_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await asyncio.wait_for(task, 15)
+    """Stop ``kasuhara agi``; one that crashed in the background (or does not stop) fails the test."""
+    crash = await asyncio.wait_for(stop_service_task(task), 15)
+    assert crash is None, f"kasuhara agi crashed during the test:\n{crash}"
 
 
 def events_of(service: Any, call_id: str) -> list[dict[str, Any]]:

@@ -18,6 +18,8 @@ from kasuhara_ari.config import Config
 
 from conftest import REPO, STACK_CONFIG
 
+# Beside the other tests: its own Stasis app, spool, bucket and free agent port, and no timing asserted
+# (the numbers are the benchmark's business, measured on a quiet box, not here).
 pytestmark = pytest.mark.integration
 
 

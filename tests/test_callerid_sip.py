@@ -74,7 +74,7 @@ async def escalate_and_capture(
     port = agent_port()
     supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300).start()
     agent = await agent_pressing(sip_workdir, port, [(1000, "*9")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=12000, **caller_kwargs).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=7000, **caller_kwargs).start()
     pcap = tmp_path / "lo.pcap"
     try:
         async with Capture(pcap, "udp port " + str(sup_port)):
@@ -137,7 +137,7 @@ async def test_supervise_leg_shows_mode_agent_and_customer_number(
     supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300, hold_ms=1000).start()
     agent = await answering(sip_workdir, port).start()
     phone = await caller(
-        sip_workdir, port, app=service.cfg.ari.app, call_ms=9000, number=CUSTOMER_NUMBER
+        sip_workdir, port, app=service.cfg.ari.app, call_ms=4000, number=CUSTOMER_NUMBER
     ).start()
     pcap = tmp_path / "lo.pcap"
     try:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -158,24 +159,32 @@ async def test_listed_caller_over_real_sip(
     agent_p, supervisor_p = agent_port(), agent_port()
     cfg = replace(
         call_cfg,
-        storage=replace(bucket_cfg.storage, enabled=False),
+        # Storage on, as `kasuhara serve` has it: the service builds its caller policy from [storage] and
+        # [policy] itself and keeps it fresh in the background (CallerPolicy.run). Only the upload is
+        # replaced (on_metadata), so the recordings stay in the spool for the checks below.
+        storage=replace(bucket_cfg.storage, enabled=True),
         policy=replace(call_cfg.policy, state_dir=str(tmp_path)),
         escalation=replace(
             call_cfg.escalation, supervisors=(f"PJSIP/supervisor/sip:supervisor@127.0.0.1:{supervisor_p}",)
         ),
     )
-    service = await service_factory(cfg)
-    # The list is read from the bucket (with storage off for uploads, the policy is attached by hand).
-    from kasuhara_ari.storage import MinioStore
 
-    service.callers = policy = CallerPolicy.from_config(
-        cfg.policy, MinioStore.from_config(bucket_cfg.storage)
-    )
-    service.app._deps.callers = policy
-    await policy.refresh()
+    async def kept_in_spool(call_id: str) -> None:
+        return None
+
+    service = await service_factory(cfg, on_metadata=kept_in_spool)
+    policy = service.callers
+    assert policy is not None and policy.store is not None, "serve's path built no caller list from S3"
+    deadline = time.monotonic() + 15
+    while not policy.loaded_at:  # the service's own first refresh read the list from the bucket
+        assert time.monotonic() < deadline, "the service never loaded the caller list"
+        await asyncio.sleep(0.05)
+    assert policy.current.find(number) is not None
     agent = await answering(sip_workdir, agent_p, name="agent").start()
     supervisor = await answering(sip_workdir, supervisor_p, name="supervisor").start()
-    phone = await caller(sip_workdir, agent_p, app=cfg.ari.app, call_ms=14000, number=number).start()
+    # The stronger notice (~9.6 s) is the one long prompt here; the other actions play the test notice.
+    call_ms = 14000 if action == "strong_notice" else 9000
+    phone = await caller(sip_workdir, agent_p, app=cfg.ari.app, call_ms=call_ms, number=number).start()
     try:
         assert await phone.wait(40) == 0, phone.error_text()
         await asyncio.sleep(0.5)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +197,26 @@ async def ami(asterisk: Config) -> AsyncIterator[AmiClient]:
     client.close()
 
 
+@pytest.fixture
+def own_spool(asterisk: Config) -> Iterator[tuple[str, Path]]:
+    """A spool directory of this test's own (as Asterisk sees it, as this host reads it): in the shared
+    one, the completion watcher of any call service running meanwhile (another test's) would mark this
+    test's files, and a marker this test expects could come from that watcher instead of from Asterisk."""
+    name = f"completion-{uuid.uuid4().hex[:10]}"
+    host = asterisk.recording.host_dir / name
+    host.mkdir(mode=0o777)
+    try:
+        yield f"{asterisk.recording.asterisk_dir}/{name}", host
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
+
+
 @pytest.mark.integration
 async def test_watch_mode_asterisk_runs_no_command_and_the_watcher_marks(
-    asterisk: Config, ami: AmiClient
+    asterisk: Config, ami: AmiClient, own_spool: tuple[str, Path]
 ) -> None:
-    spool = asterisk.recording.host_dir
-    recorder = Recorder(ami, asterisk.recording.asterisk_dir, spool, completion="watch")
+    asterisk_dir, spool = own_spool
+    recorder = Recorder(ami, asterisk_dir, spool, completion="watch")
     first, second = f"t{uuid.uuid4().hex[:10]}.1", f"t{uuid.uuid4().hex[:10]}.2"
     files = [spool / f"{cid}{ext}" for cid in (first, second) for ext in (".wav", ".done")]
     try:
@@ -224,9 +239,11 @@ async def test_watch_mode_asterisk_runs_no_command_and_the_watcher_marks(
 
 
 @pytest.mark.integration
-async def test_command_mode_asterisk_writes_the_marker(asterisk: Config, ami: AmiClient) -> None:
-    spool = asterisk.recording.host_dir
-    recorder = Recorder(ami, asterisk.recording.asterisk_dir, spool, completion="command")
+async def test_command_mode_asterisk_writes_the_marker(
+    asterisk: Config, ami: AmiClient, own_spool: tuple[str, Path]
+) -> None:
+    asterisk_dir, spool = own_spool
+    recorder = Recorder(ami, asterisk_dir, spool, completion="command")
     call_id = f"t{uuid.uuid4().hex[:10]}.1"
     try:
         audio = await record_and_hang_up(asterisk, recorder, call_id)

@@ -6,7 +6,6 @@ caller who is silent (the control), and in ``act`` mode the call becomes evidenc
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,16 +19,6 @@ from sip import Phone, agent_port, answering, caller
 from test_inbound_sip import event_names, wait_for_calls
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-def _clean_spool(spool: Path) -> Iterator[None]:
-    """No uploader here: this test's recordings leave the shared spool afterwards."""
-    before = set(spool.iterdir())
-    yield
-    for path in set(spool.iterdir()) - before:
-        if path.is_file():
-            path.unlink(missing_ok=True)
 
 
 def silent(phone: Phone) -> Phone:
@@ -102,7 +91,8 @@ async def test_a_caller_who_talks_without_pause_is_reported_live_and_a_silent_on
     quiet_id, _ = await place(service, sip_workdir, quiet_caller=True)
     assert "monologue_detected" not in event_names(service, quiet_id)
     quiet = json.loads((spool / f"{quiet_id}.json").read_text())
-    assert quiet["talk"]["caller_s"] == 0.0 and quiet["talk"]["agent_s"] >= 3.0, quiet["talk"]
+    # (a first RTP packet may read as a blip of talk: well under a second, against the talker's >= 3 s)
+    assert quiet["talk"]["caller_s"] < 1.0 and quiet["talk"]["agent_s"] >= 3.0, quiet["talk"]
 
 
 async def test_act_mode_makes_the_call_evidence(

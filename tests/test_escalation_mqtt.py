@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from kasuhara_ari.events import MemoryEvents, MqttEvents
 from kasuhara_ari.schemas import validate_event
 from kasuhara_ari.service import Service
 
+from conftest import resynced, stop_service_task
 from escalation_helpers import (
     agent_pressing,
     clean_spool,
@@ -69,14 +69,14 @@ class Tee:
 async def started_service(service: Service) -> asyncio.Task[None]:
     task = asyncio.create_task(service.run())
     await asyncio.wait_for(service.app.connected.wait(), 10)
-    await asyncio.sleep(0.2)
+    await resynced()
     return task
 
 
 async def stop_task(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    """Stop a service or publisher task; one that crashed fails the test (conftest.stop_service_task)."""
+    crash = await stop_service_task(task)
+    assert crash is None, crash
 
 
 def call_payloads(sub: Collector, port: int) -> tuple[str, list[dict[str, Any]]]:
@@ -102,7 +102,7 @@ async def test_escalated_call_events_arrive_in_order_and_validate(
         task = await started_service(service)
         supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300).start()
         agent = await agent_pressing(sip_workdir, port, PRESSES).start()
-        phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=26000).start()
+        phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=21000).start()
         try:
             assert await phone.wait(60) == 0, phone.error_text()
             await sub.wait_for(lambda c: any(p["event"] == "ended" for p in c.calls()), timeout=20)
@@ -142,7 +142,7 @@ async def test_broker_stopped_mid_call_call_unaffected_events_delivered_after(
             task = await started_service(service)
             supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300).start()
             agent = await agent_pressing(sip_workdir, port, PRESSES).start()
-            phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=26000).start()
+            phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=21000).start()
             try:
                 call_id = await until_event(memory, "agent_answered")
                 await sub.wait_for(lambda c: any(p["event"] == "agent_answered" for p in c.calls()))
@@ -200,7 +200,7 @@ async def test_stopping_the_service_mid_call_still_publishes_the_end(
         service = Service(cfg)
         task = await started_service(service)
         agent = await answering(sip_workdir, port).start()
-        phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=30000).start()
+        phone = await caller(sip_workdir, port, app=cfg.ari.app, call_ms=25000).start()
         try:
             await sub.wait_for(lambda c: any(p["event"] == "agent_answered" for p in c.calls()), timeout=20)
             await stop_task(task)  # what SIGTERM does in `kasuhara serve`

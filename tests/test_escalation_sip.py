@@ -19,11 +19,16 @@ import pytest
 from kasuhara_ari.config import Config
 
 from audio import (
+    DTMF_EVENTS,
     Capture,
+    RtpPacket,
     contains_at_start,
     dtmf_events,
+    dtmf_in_band,
+    dtmf_tone,
     header_is_final,
     rtp_audio,
+    rtp_from,
     rtp_to,
     tone_levels,
     write_pcm16,
@@ -85,7 +90,7 @@ async def test_star9_supervisor_rung_and_joins_three_way(
     port = agent_port()
     supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=500).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=22000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=17000).start()
     pcap = tmp_path / "lo.pcap"
     try:
         async with Capture(pcap):
@@ -175,7 +180,7 @@ async def test_second_supervisor_tried_when_first_does_not_come(
     first = await answering(sip_workdir, first_port, scenario=scenario, name="first").start()
     second = await supervisor_phone(sip_workdir, second_port, tone=SUPERVISOR2_HZ).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=20000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=15000).start()
     try:
         call_id = await wait_for_event(service, port, "supervisor_joined")
         assert await bridge_channels(call_cfg, call_id) == sorted(
@@ -235,7 +240,7 @@ async def test_nobody_available_agent_hears_so(
     first = await answering(sip_workdir, first_port, scenario="uas_noanswer.xml", name="first").start()
     second = await answering(sip_workdir, second_port, scenario="uas_busy.xml", name="second").start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=20000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=15000).start()
     pcap = tmp_path / "lo.pcap"
     try:
         async with Capture(pcap):
@@ -293,7 +298,7 @@ async def test_repeated_star9_while_escalating_does_nothing_new(
         supervisor = await answering(sip_workdir, sup_port, scenario="uas_noanswer.xml", calls=2).start()
         presses = [(2000, "*9"), (1000, "*9")]
     agent = await agent_pressing(sip_workdir, port, presses).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=20000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=15000).start()
     try:
         assert await phone.wait(60) == 0, phone.error_text()
         assert await agent.wait(10) == 0, agent.error_text()
@@ -324,7 +329,7 @@ async def test_caller_and_supervisor_never_hear_the_agents_keys(
     port = agent_port()
     supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9"), (4000, "*1")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=18000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=13000).start()
     pcap = tmp_path / "lo.pcap"
     try:
         async with Capture(pcap):
@@ -345,6 +350,26 @@ async def test_caller_and_supervisor_never_hear_the_agents_keys(
         # Without absorbDTMF Asterisk regenerates the agent's keys towards the caller: the capture sees
         # them, so the zero above is a real measurement.
         assert len(to_caller) > 0
+    # Nor in-band: around each key the agent pressed, the audio the caller received holds no DTMF tone
+    # pair. Control: the same audio with that key's tones mixed in at the level of Asterisk's in-band
+    # generator is detected as that key, so the detector would see in-band keys if they were there.
+    presses = key_presses(rtp_from(pcap, media_port(agent)))
+    assert [key for key, _, _ in presses] == list("*9*1"), presses
+    caller_audio = [p for p in rtp_to(pcap, media_port(phone)) if p.payload_type == 0]
+    assert caller_audio, "the capture saw no audio to the caller"
+    for key, first, last in presses:
+        # What the caller heard from 0.1 s before the key to 0.3 s after it, on the arrival timeline (Asterisk
+        # sends the caller nothing while nobody else in the bridge makes a sound: silence there).
+        window = [0] * int((last - first + 0.4) * 8000)
+        for packet in caller_audio:
+            if first - 0.1 <= packet.at <= last + 0.3:
+                at = int((packet.at - first + 0.1) * 8000)
+                audio = rtp_audio([packet])[: len(window) - at]
+                window[at : at + len(audio)] = audio
+        assert dtmf_in_band(window) == "", (key, dtmf_in_band(window))
+        tones = [0] * 800 + dtmf_tone(key, 0.1)  # at the moment of the key
+        mixed = [x + (tones[i] if i < len(tones) else 0) for i, x in enumerate(window)]
+        assert dtmf_in_band(mixed) == key, (key, dtmf_in_band(mixed))
 
     # The app got the keys all the same: the supervisor joined, and *1 flagged the call as evidence.
     names = event_names(service, call_id)
@@ -358,6 +383,15 @@ async def test_caller_and_supervisor_never_hear_the_agents_keys(
     ]
 
 
+def key_presses(sent: list[RtpPacket]) -> list[tuple[str, float, float]]:
+    """(key, first packet, last packet) of each RFC 4733 key a phone sent, in order (a key's packets share
+    one RTP timestamp)."""
+    keys: dict[tuple[int, int], list[RtpPacket]] = {}
+    for packet in dtmf_events(sent):
+        keys.setdefault((packet.timestamp, packet.payload[0]), []).append(packet)
+    return [(DTMF_EVENTS[event], ps[0].at, ps[-1].at) for (_, event), ps in keys.items()]
+
+
 async def test_caller_keys_trigger_nothing(service_factory: Any, call_cfg: Config, sip_workdir: Path) -> None:
     sup_port = free_udp_port(5100, 5999)
     service = await service_factory(with_supervisors(call_cfg, sup_port))
@@ -365,8 +399,8 @@ async def test_caller_keys_trigger_nothing(service_factory: Any, call_cfg: Confi
     port = agent_port()
     supervisor = await supervisor_phone(sip_workdir, sup_port, calls=1).start()
     agent = await answering(sip_workdir, port).start()
-    # The notice lasts ~5.5 s; the caller presses every escalation key once it talks to the agent.
-    presses = [(9000, "*9"), (500, "*1"), (500, "*2"), (500, "*3")]
+    # The (test) notice lasts 0.5 s; the caller presses every escalation key once it talks to the agent.
+    presses = [(4000, "*9"), (500, "*1"), (500, "*2"), (500, "*3")]
     phone = await caller_pressing(sip_workdir, port, presses, app=service.cfg.ari.app, call_ms=6000).start()
     try:
         assert await phone.wait(60) == 0, phone.error_text()
@@ -404,7 +438,7 @@ async def test_star2_warning_heard_by_both_and_recorded(
     # Both phones silent: the caller's tone, mixed and jittered on its way to the agent, left residue that
     # brought the agent's copy of the warning down to ~0.78 against ~0.5 for the other prompts (CI failed on
     # that margin); the caller's copy, with a silent agent, scores ~0.98.
-    phone = await silent(caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=24000)).start()
+    phone = await silent(caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=19000)).start()
     pcap = tmp_path / "lo.pcap"
     try:
         async with Capture(pcap):
@@ -477,7 +511,7 @@ async def test_escalation_works_after_websocket_killed_mid_call(
     supervisor = await supervisor_phone(sip_workdir, sup_port).start()
     # The agent presses *9 five seconds into the conversation: after the connection was killed.
     agent = await agent_pressing(sip_workdir, port, [(5000, "*9")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=20000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=15000).start()
     try:
         call_id = await wait_for_event(service, port, "agent_answered")
         ws = service.ari._ws
@@ -513,7 +547,7 @@ async def test_supervisor_leaves_then_star9_calls_again(
     # The supervisor stays 3 s each time; the agent calls them, and once they left, calls them again.
     supervisor = await supervisor_phone(sip_workdir, sup_port, hold_ms=3000, calls=2).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9"), (8000, "*9")]).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=26000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=21000).start()
     await all_finish(phone, agent, supervisor)
     (call_id,) = {e["call_id"] for e in service.memory_events.events if e["event"] == "supervisor_left"}
     names = await wait_ended(service, call_id)
@@ -541,7 +575,7 @@ async def test_agent_leaves_and_the_caller_stays_with_the_supervisor(
     sup_hold = 8000 if who_ends == "supervisor" else 0
     supervisor = await supervisor_phone(sip_workdir, sup_port, ring_ms=300, hold_ms=sup_hold).start()
     agent = await agent_pressing(sip_workdir, port, [(2000, "*9")], hold_ms=5000).start()
-    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=18000).start()
+    phone = await caller(sip_workdir, port, app=service.cfg.ari.app, call_ms=13000).start()
     await all_finish(phone, agent, supervisor)
     (call_id,) = {e["call_id"] for e in service.memory_events.events if e["event"] == "agent_left"}
     names = await wait_ended(service, call_id)

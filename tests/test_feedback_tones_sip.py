@@ -278,7 +278,7 @@ async def test_star1_tone_heard_by_the_agent_only_each_time(
     service_factory: Any, call_cfg: Config, sip_workdir: Path, tmp_path: Path, record_property: Any
 ) -> None:
     service = await service_factory(call_cfg)
-    heard = await call_with_keys(service, sip_workdir, tmp_path, [(2000, "*1"), (2500, "*1")], call_ms=15000)
+    heard = await call_with_keys(service, sip_workdir, tmp_path, [(2000, "*1"), (2500, "*1")], call_ms=10000)
     report: list[str] = []
     check_agent_only(heard, "1", FLAG_HZ, FLAG_BEEPS, 2, report)
     # Distinct: never the escalation tone.
@@ -297,7 +297,7 @@ async def test_star9_tone_heard_by_the_agent_only_while_the_supervisor_rings(
     sup_port = free_udp_port(5100, 5999)
     service = await service_factory(with_supervisors(call_cfg, sup_port))
     heard = await call_with_keys(
-        service, sip_workdir, tmp_path, [(2000, "*9")], call_ms=13000, supervisor_port=sup_port
+        service, sip_workdir, tmp_path, [(2000, "*9")], call_ms=8000, supervisor_port=sup_port
     )
     report: list[str] = []
     (latency,) = check_agent_only(heard, "9", ESCALATION_HZ, ESCALATION_BEEPS, 1, report)
@@ -316,7 +316,7 @@ async def test_star2_plays_no_confirmation_tone(
     service_factory: Any, call_cfg: Config, sip_workdir: Path, tmp_path: Path
 ) -> None:
     service = await service_factory(call_cfg)
-    heard = await call_with_keys(service, sip_workdir, tmp_path, [(2000, "*2")], call_ms=16000)
+    heard = await call_with_keys(service, sip_workdir, tmp_path, [(2000, "*2")], call_ms=11000)
     (end,) = key_ends(heard.pcap, heard.agent, "2")
     for freq in (FLAG_HZ, ESCALATION_HZ):
         frames = received_frames(heard.pcap, heard.agent, freq, end, end + 1.0)
@@ -330,7 +330,7 @@ async def test_no_tone_when_the_sound_is_configured_empty(
 ) -> None:
     cfg = replace(call_cfg, escalation=replace(call_cfg.escalation, flag_ack_sound=""))
     service = await service_factory(cfg)
-    heard = await call_with_keys(service, sip_workdir, tmp_path, [(2000, "*1")], call_ms=12000)
+    heard = await call_with_keys(service, sip_workdir, tmp_path, [(2000, "*1")], call_ms=7000)
     (end,) = key_ends(heard.pcap, heard.agent, "1")
     frames = received_frames(heard.pcap, heard.agent, FLAG_HZ, end, end + 1.0)
     assert frames and beeps(frames) == [] and not leaked(frames), [round(f.amplitude) for f in frames]

@@ -31,9 +31,10 @@ import pytest
 from kasuhara_ari.config import Config
 from kasuhara_ari.storage import MinioStore, parse_recording_key
 
-from conftest import REPO, STACK_CONFIG
+from conftest import REPO, STACK_CONFIG, TEST_NOTICE_SOUND
 from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
 from sip import agent_port, answering, caller
+from test_events import Collector
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +48,14 @@ async def _registered(cfg: Config, app: str, timeout: float) -> None:
                     return
             await asyncio.sleep(0.2)
     raise AssertionError(f"kasuhara serve never registered the Stasis app {app}")
+
+
+async def _logged(log: Path, text: str, timeout: float) -> None:
+    """Wait until the process's log says ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{log.read_text()[-3000:]}"
+        await asyncio.sleep(0.05)
 
 
 def _pinned_and_held(store: MinioStore) -> dict[str, Any] | None:
@@ -92,6 +101,7 @@ async def test_star1_ends_with_pinned_versions_held_in_the_bucket(
         "KASUHARA_MQTT__TOPIC_PREFIX": f"kt-e2e-{uid}",
         "KASUHARA_RECORDING__ASTERISK_DIR": f"{asterisk.recording.asterisk_dir}/e2e-{uid}",
         "KASUHARA_RECORDING__LOCAL_DIR": str(spool),
+        "KASUHARA_ANNOUNCEMENT__SOUND": TEST_NOTICE_SOUND,  # 0.5 s: the call does not wait for the notice
     }
     log = tmp_path / "serve.log"
     serve = subprocess.Popen(
@@ -104,11 +114,11 @@ async def test_star1_ends_with_pinned_versions_held_in_the_bucket(
     phones = []
     try:
         await _registered(asterisk, app, 30)
-        await asyncio.sleep(0.3)  # the resync after connecting
+        await _logged(log, "stasis event=resynced", 15)  # calls arriving before could look like leftovers
         port = agent_port()
         agent = await answering(sip_workdir, port, ring_ms=500, dtmf=[(2000, "*1")]).start()
-        # The notice (~6 s) plays before the agent rings: the call lasts long enough for the *1.
-        customer = await caller(sip_workdir, port, app=app, call_ms=14000).start()
+        # The (test) notice plays before the agent rings: the call lasts long enough for the *1.
+        customer = await caller(sip_workdir, port, app=app, call_ms=9000).start()
         phones = [agent, customer]
         assert await customer.wait(90) == 0, customer.error_text()
         await agent.wait(20)
@@ -153,6 +163,120 @@ async def test_star1_ends_with_pinned_versions_held_in_the_bucket(
         assert meta["hold"]["by"] == "agent" and meta["flags"] == ["harassment"]
         assert meta["audio"]["bytes"] > 44 and meta["audio"]["sha256"]
     finally:
+        store.close()
+        destroy_bucket(target, bucket)
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _objects_of(store: MinioStore, call_id: str) -> dict[str, str]:
+    """The call's recording objects in the bucket: {"wav"|"json": key}."""
+    found: dict[str, str] = {}
+    for obj in store.client.list_objects(store.bucket, prefix="recordings/", recursive=True):
+        parsed = parse_recording_key(obj.object_name)
+        if parsed is not None and parsed.call_id == call_id:
+            found[parsed.kind] = obj.object_name
+    return found
+
+
+def _start_serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kasuhara_ari.cli", "serve"],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _stop(serve: subprocess.Popen[bytes]) -> int:
+    if serve.poll() is None:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+    return serve.returncode
+
+
+async def test_serve_process_sigterm_mid_call_loses_nothing(
+    asterisk: Config, mqtt_broker: Config, s3_server: Config, sip_workdir: Path, tmp_path: Path
+) -> None:
+    """``kasuhara serve`` as it runs in production (a process that systemd stops with SIGTERM), stopped in
+    the middle of a call: it exits 0 in time, the call is torn down (the caller gets a BYE), ``ended`` and
+    the ``offline`` status still reach the broker, and the recording is not lost: once the service runs
+    again, the bucket holds the call's audio and metadata. (The in-process test cancels a task instead,
+    which is what the SIGTERM handler is supposed to do: this one checks that it does.)"""
+    target = require_s3()
+    uid = uuid.uuid4().hex[:10]
+    app = f"kasuhara-term{uid}"
+    bucket = unique_bucket("kt-term")
+    prefix = f"kt-term-{uid}"
+    store = open_store(target, bucket)
+    create_bucket(store)
+    spool = asterisk.recording.host_dir / f"term-{uid}"
+    spool.mkdir(mode=0o777)
+    env = {
+        **{k: v for k, v in os.environ.items() if not (k.startswith("KASUHARA_") and "__" in k)},
+        "KASUHARA_CONFIG": str(STACK_CONFIG),
+        "KASUHARA_ARI__APP": app,
+        "KASUHARA_STORAGE__BUCKET": bucket,
+        "KASUHARA_STORAGE__ENABLED": "true",
+        "KASUHARA_MQTT__ENABLED": "true",
+        "KASUHARA_MQTT__TOPIC_PREFIX": prefix,
+        "KASUHARA_RECORDING__ASTERISK_DIR": f"{asterisk.recording.asterisk_dir}/term-{uid}",
+        "KASUHARA_RECORDING__LOCAL_DIR": str(spool),
+        "KASUHARA_ANNOUNCEMENT__SOUND": TEST_NOTICE_SOUND,
+    }
+    log = tmp_path / "serve.log"
+    phones = []
+    try:
+        async with Collector(mqtt_broker.mqtt.port, prefix) as sub:
+            serve = _start_serve(env, log)
+            try:
+                await _registered(asterisk, app, 30)
+                await _logged(log, "stasis event=resynced", 15)
+                port = agent_port()
+                agent = await answering(sip_workdir, port).start()
+                # The caller would talk for a minute: only the stopping service ends the call.
+                customer = await caller(sip_workdir, port, app=app, call_ms=60000).start()
+                phones = [agent, customer]
+                await sub.wait_for(lambda c: any(p["event"] == "agent_answered" for p in c.calls()), 30)
+                serve.send_signal(signal.SIGTERM)
+                returncode = await asyncio.to_thread(serve.wait, 30)
+                assert returncode == 0, log.read_text()[-3000:]
+                assert await customer.wait(20) == 0, customer.error_text()
+                assert customer.received("BYE"), "the caller was left on the line"
+                await sub.wait_for(lambda c: any(p["event"] == "ended" for p in c.calls()), 10)
+            finally:
+                _stop(serve)
+        (call_id,) = {p["call_id"] for p in sub.calls() if p["event"] == "agent_answered"}
+        assert [p["event"] for p in sub.calls() if p.get("call_id") == call_id][-1] == "ended"
+        assert [p["state"] for p in sub.statuses()][-1:] == ["offline"]
+
+        # Nothing lost: uploaded on the way out, or found in the spool when the service starts again.
+        restarted = _start_serve(env, log)
+        try:
+            deadline = time.monotonic() + 60
+            while len(objects := await asyncio.to_thread(_objects_of, store, call_id)) < 2:
+                assert restarted.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"not in the bucket: {objects}\n{log.read_text()[-3000:]}"
+                await asyncio.sleep(0.3)
+        finally:
+            assert _stop(restarted) == 0, log.read_text()[-3000:]
+        resp = store.client.get_object(bucket, objects["json"])
+        try:
+            meta = json.loads(resp.read())
+        finally:
+            resp.close()
+            resp.release_conn()
+        assert meta["call_id"] == call_id and meta["ended_at"], meta
+        assert meta["audio"]["key"] == objects["wav"] and meta["audio"]["bytes"] > 44, meta
+        assert not list(spool.glob(f"{call_id}*")), "the spool still holds the call's files"
+    finally:
+        for phone in phones:
+            await phone.stop()
         store.close()
         destroy_bucket(target, bucket)
         shutil.rmtree(spool, ignore_errors=True)

@@ -22,6 +22,8 @@ import pytest
 from kasuhara_ari.config import Config
 
 from audio import contains_at_start, duration_s, header_is_final
+from conftest import TEST_NOTICE_WAV, with_real_notice
+from escalation_helpers import prompt_score, silent
 from sip import Phone, agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
@@ -90,13 +92,18 @@ async def wait_for_files(
 
 
 async def place_call(
-    service: Any, workdir: Path, *, call_ms: int, wait_s: float = 40, **agent_kwargs: Any
+    service: Any, workdir: Path, *, call_ms: int, wait_s: float = 40, quiet: bool = False, **agent_kwargs: Any
 ) -> tuple[str, Phone, Phone]:
     """One real call from a SIPp caller to a SIPp agent through the service; both phones must finish
-    cleanly. Returns the call id and the two phones (for their message logs)."""
+    cleanly. Returns the call id and the two phones (for their message logs). ``quiet``: both phones
+    stream silence, so the prompts in the recording can be told apart (escalation_helpers.silent)."""
     port = agent_port()
-    agent = await answering(workdir, port, **agent_kwargs).start()
-    phone = await caller(workdir, port, app=service.cfg.ari.app, call_ms=call_ms).start()
+    agent = answering(workdir, port, **agent_kwargs)
+    phone = caller(workdir, port, app=service.cfg.ari.app, call_ms=call_ms)
+    if quiet:
+        agent, phone = silent(agent), silent(phone)
+    await agent.start()
+    await phone.start()
     try:
         assert await phone.wait(wait_s) == 0, phone.error_text()
         assert await agent.wait(10) == 0, agent.error_text()
@@ -113,21 +120,27 @@ async def ari_get(cfg: Config, path: str) -> httpx.Response:
 
 
 async def test_call_is_announced_recorded_and_bridged(
-    running_service: Any, call_cfg: Config, sip_workdir: Path
+    service_factory: Any, asterisk: Config, call_cfg: Config, sip_workdir: Path
 ) -> None:
+    # The real notice: this test checks that the recording starts with it.
+    running_service = await service_factory(with_real_notice(call_cfg, asterisk))
     port = agent_port()
     agent = await answering(sip_workdir, port, ring_ms=500).start()
     phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=12000).start()
     try:
-        # Mid-call: caller and agent sit in one mixing bridge with DTMF events.
+        # Mid-call: caller and agent sit in one mixing bridge with DTMF events (this call's bridge: other
+        # tests' calls share the Asterisk).
         deadline = time.monotonic() + 20
         bridge: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            bridges = (await ari_get(call_cfg, "/bridges")).json()
-            ours = [b for b in bridges if b["id"].startswith("kasuhara-") and len(b["channels"]) == 2]
-            if ours:
-                bridge = ours[0]
-                break
+            answered = [
+                e["call_id"] for e in running_service.memory_events.events if e["event"] == "agent_answered"
+            ]
+            if answered:
+                resp = await ari_get(call_cfg, f"/bridges/kasuhara-{answered[0]}")
+                if resp.status_code == 200 and len(resp.json()["channels"]) == 2:
+                    bridge = resp.json()
+                    break
             await asyncio.sleep(0.2)
         assert bridge, "caller and agent never met in a bridge"
         assert bridge["bridge_type"] == "mixing"
@@ -185,7 +198,7 @@ async def test_agent_unreachable_caller_hears_apology(
 ) -> None:
     service = await service_factory(fast_dial(call_cfg))
     # The caller would talk for a minute: the call must end from our side (BYE after the apology).
-    call_id, phone, _ = await place_call(service, sip_workdir, call_ms=60000, scenario=scenario)
+    call_id, phone, _ = await place_call(service, sip_workdir, call_ms=60000, scenario=scenario, quiet=True)
     names = event_names(service, call_id)
     assert names[-2:] == ["agent_unavailable", "ended"], names
     assert "agent_answered" not in names
@@ -195,14 +208,19 @@ async def test_agent_unreachable_caller_hears_apology(
     assert meta["agent"] is None
     audio = call_cfg.recording.host_dir / f"{call_id}.wav"
     assert header_is_final(audio)
-    # The recording holds the notice and then the apology.
+    # The recording holds the notice and then the apology: the apology itself, not just as long a sound.
     apology = NOTICE_JA.with_name("agent-unavailable.wav")
-    assert duration_s(audio) > duration_s(NOTICE_JA) + duration_s(apology) - 0.5
+    assert duration_s(audio) > duration_s(TEST_NOTICE_WAV) + duration_s(apology) - 0.5
+    score, control = prompt_score(
+        audio, "agent-unavailable", ["refused", "warning", "final-notice"], tones=()
+    )
+    assert score > 0.7 and score > control + 0.25, (score, control)
 
 
 async def test_caller_hangs_up_during_notice_no_agent_rung(
-    running_service: Any, call_cfg: Config, sip_workdir: Path
+    service_factory: Any, asterisk: Config, call_cfg: Config, sip_workdir: Path
 ) -> None:
+    running_service = await service_factory(with_real_notice(call_cfg, asterisk))  # long enough to leave
     port = agent_port()
     agent = await answering(sip_workdir, port).start()
     phone = await caller(
@@ -233,8 +251,8 @@ async def test_agent_hangs_up_first(running_service: Any, call_cfg: Config, sip_
     assert meta["end_reason"] == "agent_hungup"
     audio = call_cfg.recording.host_dir / f"{call_id}.wav"
     assert header_is_final(audio)
-    # notice (~5.5 s) + ringing (0.3 s) + 3 s talk
-    expected = duration_s(NOTICE_JA) + 3.3
+    # notice (the 0.5 s test notice) + ringing (0.3 s) + 3 s talk
+    expected = duration_s(TEST_NOTICE_WAV) + 3.3
     assert abs(duration_s(audio) - expected) < 1.5, (duration_s(audio), expected)
     assert abs(duration_s(audio) - meta["duration_s"]) < 1.0
 
@@ -280,7 +298,7 @@ async def test_websocket_killed_mid_call_reconnects_and_tears_down(
 ) -> None:
     port = agent_port()
     agent = await answering(sip_workdir, port).start()
-    phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=12000).start()
+    phone = await caller(sip_workdir, port, app=running_service.cfg.ari.app, call_ms=7000).start()
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and "agent_answered" not in [
@@ -316,9 +334,9 @@ def budget(cfg: Config, mode: str, seconds: int, warn_before: int) -> Config:
 async def test_time_budget_enforced_warns_agent_then_ends(
     service_factory: Any, call_cfg: Config, sip_workdir: Path
 ) -> None:
-    # Answered at 0 s, notice until ~5.5 s, agent from ~6 s: the agent's tone at 9 s, the end at 12 s.
-    service = await service_factory(budget(call_cfg, "enforce", 12, 3))
-    call_id, phone, agent = await place_call(service, sip_workdir, call_ms=60000)
+    # Answered at 0 s, the test notice until 0.5 s, agent from ~1 s: the agent's tone at 4 s, the end at 7 s.
+    service = await service_factory(budget(call_cfg, "enforce", 7, 3))
+    call_id, phone, agent = await place_call(service, sip_workdir, call_ms=60000, quiet=True)
     names = event_names(service, call_id)
     assert names[-3:] == ["long_call", "time_limit", "ended"], names
     assert phone.received("BYE") and agent.received("BYE")
@@ -326,8 +344,13 @@ async def test_time_budget_enforced_warns_agent_then_ends(
     assert meta["end_reason"] == "time_limit"
     audio = call_cfg.recording.host_dir / f"{call_id}.wav"
     closing = NOTICE_JA.with_name("call-ending-time-limit.wav")
-    # 12 s of budget, then the closing notice that both hear (and the recording keeps)
-    assert abs(duration_s(audio) - (12 + duration_s(closing))) < 1.5, duration_s(audio)
+    # 7 s of budget, then the closing notice that both hear (and the recording keeps): that notice, not
+    # one as long (final-notice ends with the same words: too close to be a control).
+    assert abs(duration_s(audio) - (7 + duration_s(closing))) < 1.5, duration_s(audio)
+    score, control = prompt_score(
+        audio, "call-ending-time-limit", ["refused", "warning", "agent-unavailable"], tones=()
+    )
+    assert score > 0.7 and score > control + 0.25, (score, control)
 
 
 async def test_time_budget_warn_only_lets_the_call_go_on(

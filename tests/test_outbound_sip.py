@@ -12,6 +12,7 @@ import pytest
 from kasuhara_ari.config import Config
 
 from audio import contains_at_start, duration_s, header_is_final
+from conftest import with_real_notice
 from sip import agent_port, answering, caller
 from test_inbound_sip import NOTICE_JA, event_names, wait_for_calls, wait_for_files
 
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.integration
 
 
 async def test_outbound_call_customer_hears_notice_then_agent(
-    running_service: Any, call_cfg: Config, sip_workdir: Path
+    service_factory: Any, asterisk: Config, call_cfg: Config, sip_workdir: Path
 ) -> None:
+    running_service = await service_factory(with_real_notice(call_cfg, asterisk))  # what is checked here
     port = agent_port()  # the customer's phone; the agent dials 9<port>
     customer = await answering(sip_workdir, port, ring_ms=800, name="customer").start()
     agent = await caller(
@@ -58,8 +60,11 @@ async def test_outbound_call_customer_hears_notice_then_agent(
     assert header_is_final(audio)
     # recorded from the customer's answer: notice + 6 s of talk
     assert abs(duration_s(audio) - (duration_s(NOTICE_JA) + 6.0)) < 1.5, duration_s(audio)
+    # The notice, not any sound as long: other prompts of similar length score clearly lower.
     score, offset = contains_at_start(audio, NOTICE_JA)
+    control = max(contains_at_start(audio, NOTICE_JA.with_name(n))[0] for n in ("warning.wav", "refused.wav"))
     assert score > 0.6, score
+    assert score > control + 0.3, (score, control)
     assert offset < 1.0
 
 

@@ -113,6 +113,7 @@ def test_the_wheel_carries_its_package_data_and_no_tests(installed: Path) -> Non
     missing = [n for n in PACKAGE_DATA if n not in names]
     assert not missing, f"not in the wheel: {missing}"
     assert not [n for n in names if n.startswith(("tests/", "scripts/"))]
+    assert not [n for n in names if "/kasuhara/test-" in n], "the test suite's prompt is not for a PBX"
     # Every template and static file of the checkout is in it (a new one needs no pyproject edit).
     for folder in ("templates", "static"):
         for path in (REPO / "kasuhara_ari/web" / folder).iterdir():
