@@ -290,7 +290,8 @@ class Call:
             offset = round(self.elapsed_s(), 1)
             mode = self.deps.cfg.detection.mode
             log.info("call event=detected call_id=%s kind=%s mode=%s", self.call_id, found.kind, mode)
-            self.emit(f"{found.kind}_detected", offset_s=offset, mode=mode, **found.figures)
+            figures: dict[str, Any] = dict(found.figures)
+            self.emit(f"{found.kind}_detected", offset_s=offset, mode=mode, **figures)
             if mode == "act":
                 await self.escalation.hold_as_evidence(
                     key=f"detected:{found.kind}", by="detector", reason=f"detected: {found.kind}"
@@ -325,11 +326,13 @@ class Call:
                 self._pending_actions.append(flushed)
         return self._pending_actions.pop(0) if self._pending_actions else None
 
-    def emit(self, event: str, **fields: Any) -> None:
-        """An event to MQTT and into the call's own timeline (exported with the evidence)."""
-        at = now_iso()
+    def emit(self, event: str, *, at: str | None = None, **fields: Any) -> str:
+        """An event to MQTT and into the call's own timeline (exported with the evidence); its time
+        (``at``: when the caller already read the clock for the same moment) is returned."""
+        at = at or now_iso()
         self.deps.events.emit(event, self.call_id, at=at, **fields)
         self.record.events.append({"event": event, "at": at, **fields})
+        return at
 
     def _set_state(self, state: CallState) -> None:
         # DEBUG: logging was several per cent of the app's CPU under load, half of it these lines. At INFO:

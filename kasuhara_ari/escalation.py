@@ -165,7 +165,7 @@ class EscalationRunner:
                 log.error("escalation event=hold_request_failed call_id=%s error=%s", call.call_id, exc)
                 result = "flagged (hold pending upload)"
         call.add_escalation(Escalation(at=at, action="flag", key=key, by=by, result=result))
-        call.emit("flagged", key=key, by=by, reason="harassment")
+        call.emit("flagged", key=key, by=by, reason="harassment", at=at)
 
     async def _acknowledge(self, sound: str, *, tag: str) -> None:
         """A short tone for the agent alone that the key was accepted (every time: a second ``*1`` is
@@ -208,8 +208,11 @@ class EscalationRunner:
         call = self.call
         cfg = call.deps.cfg.escalation
         self.in_progress = True
-        requested_at = now_iso()
-        call.emit("escalation_requested", key=key, by="agent", supervisors=list(cfg.supervisors))
+        # One reading of the clock for the event and the metadata's escalation entry: a test (and an
+        # auditor) compares them, and two readings may differ by a millisecond.
+        requested_at = call.emit(
+            "escalation_requested", key=key, by="agent", supervisors=list(cfg.supervisors)
+        )
         await self._acknowledge(cfg.supervisor_ack_sound, tag=f"{call.call_id}-supack")
         from .call import CallState  # local: call imports this module
 
