@@ -267,6 +267,13 @@ class WebConfig:
     #: Host names (``Host`` header, without port) the console answers to, e.g. ``["console.example.jp"]``;
     #: others get 400 (DNS rebinding, a proxy forwarding the wrong site). Empty: any.
     allowed_hosts: tuple[str, ...] = ()
+    #: The console's search and audit index (SQLite, a cache rebuilt from S3; see evidence/index.py).
+    #: Empty: ``$XDG_CACHE_HOME`` (or ``~/.cache``) ``/kasuhara/index-<hash of endpoint and bucket>.sqlite``.
+    index_path: str = ""
+    #: Seconds between re-listings of the two most recent UTC days (new recordings, holds, audit records).
+    index_refresh_s: int = 30
+    #: Seconds between full reconciliations with the bucket (LISTs only for what did not change).
+    index_reconcile_s: int = 3600
 
 
 @dataclass(frozen=True)
@@ -530,6 +537,9 @@ def _validate_web(web: WebConfig) -> None:
                 "web.sso_header needs web.trusted_proxies: the addresses of the reverse proxies that set "
                 "it (from anywhere else the header is ignored)"
             )
+    for name in ("index_refresh_s", "index_reconcile_s"):
+        if getattr(web, name) < 1:
+            raise ConfigError(f"web.{name}: must be at least 1, got {getattr(web, name)}")
 
 
 def _validate_agi(agi: AgiConfig) -> None:

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import click
 
 from ..config import console_keys, web_bind_refusal
 from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config
+
+
+def port_free(bind: str, port: int) -> bool:
+    """Whether ``bind:port`` can be listened on now (SO_REUSEADDR, as uvicorn binds)."""
+    host = bind.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @click.command()
@@ -64,6 +78,13 @@ def web(config_path: str | None) -> None:
         )
     )
     click.echo(f"kasuhara web: starting on http://{cfg.web.bind}:{cfg.web.port}/", err=True)
+
+    # The port first, before anything starts: uvicorn learns it is taken only after the app's background
+    # work (the board feed, the search index reading the bucket in threads) has begun, and its exit then
+    # waits for those threads.
+    if not port_free(cfg.web.bind, cfg.web.port):
+        click.echo(f"kasuhara web: failed: cannot listen on {cfg.web.bind}:{cfg.web.port}", err=True)
+        raise SystemExit(EXIT_FAILED)
 
     async def main() -> None:
         notifier = Notifier()

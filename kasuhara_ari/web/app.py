@@ -25,7 +25,7 @@ from ..accounts import Accounts
 from ..config import Config
 from ..events import EventSink
 from ..storage import ObjectStore
-from . import auth, board, recordings
+from . import audit_page, auth, board, recordings, search
 from .console import STATIC_DIR, Console
 from .security import ProxiedClient, SecurityHeaders
 from .sessions import Clock
@@ -52,6 +52,8 @@ def create_app(
         *auth.routes(console),
         *board.routes(console),
         *recordings.routes(console),
+        *search.routes(console),
+        *audit_page.routes(console),
         Route("/healthz", healthz, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, follow_symlink=False), name="static"),
     ]
