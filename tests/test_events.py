@@ -383,6 +383,8 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "recording_failed": {"error": "AMI not connected"},
         "metadata_quarantined": {"reason": "nested too deeply", "quarantined": "quarantine/x", "held": False},
         "hold_incomplete": {"reason": "legal_hold_refused", "keys": ["recordings/x.wav"], "record": True},
+        "monologue_detected": {"offset_s": 70.2, "mode": "observe", "talking_s": 60.0, "caller_share": 0.9},
+        "talk_over_detected": {"offset_s": 90.0, "mode": "act", "attempts": 3, "window_s": 60.0},
     }
     out: list[tuple[str, str | None, dict[str, Any]]] = [
         (event, call_id, fields.get(event, {})) for event in CALL_EVENTS
