@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import select
 import signal
 import subprocess
@@ -63,19 +64,22 @@ def test_a_service_logs_json_lines_when_configured() -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        lines: list[str] = []
+        got = b""
         try:
             assert proc.stderr is not None
-            # Until the daemon has logged its schedule (its first lines may be others, e.g. readiness).
-            while not any("next_sweep" in line for line in lines):
-                ready = select.select([proc.stderr], [], [], 60)[0]
-                assert ready, f"the daemon logged no next_sweep within 60 s: {lines}"
-                line = proc.stderr.readline()
-                assert line, f"the daemon ended: {lines}"
-                lines.append(line)
+            fd = proc.stderr.fileno()
+            # Raw reads of the pipe (a buffered readline may hold the line select() no longer sees), until
+            # the daemon has logged its schedule (its first lines may be others, e.g. readiness).
+            while b"next_sweep" not in got:
+                ready = select.select([fd], [], [], 60)[0]
+                assert ready, f"the daemon logged no next_sweep within 60 s: {got!r}"
+                chunk = os.read(fd, 65536)
+                assert chunk, f"the daemon ended: {got!r}"
+                got += chunk
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
+    lines = got.decode().splitlines()
     lines += err.splitlines()
     logged = [json.loads(line) for line in lines if line.startswith("{")]
     assert any(doc.get("event") == "next_sweep" and doc.get("scope") == "retention" for doc in logged), lines
