@@ -15,7 +15,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -34,6 +34,7 @@ from ..evidence.desk import (
     DeskIntegrityFailure,
     DeskNotFound,
     DeskRefused,
+    EvidenceDesk,
     Shown,
 )
 from ..safe import clean_log_value, is_safe_call_id, printable
@@ -448,27 +449,31 @@ class RecordingPages:
     # --------------------------------------------------------------------------------------- actions
 
     async def hold(self, request: Request) -> Response:
-        checked = await self.action_form(request, "hold")
-        if isinstance(checked, Response):
-            return checked
-        session, cid, _, reason = checked
-        try:
-            held = await self.c.desk(session).hold(cid, reason=reason)
-        except (DeskError, StorageError) as exc:
-            return self.failed(request, session, cid, exc)
-        done = "hold" if held.result == "done" else "already_held"
-        return RedirectResponse(f"/recordings/{cid}?done={done}", status_code=303)
+        async def run(desk: EvidenceDesk, cid: str, reason: str) -> str:
+            held = await desk.hold(cid, reason=reason)
+            return "hold" if held.result == "done" else "already_held"
+
+        return await self._reasoned(request, "hold", run)
 
     async def release(self, request: Request) -> Response:
-        checked = await self.action_form(request, "release")
+        async def run(desk: EvidenceDesk, cid: str, reason: str) -> str:
+            released = await desk.release(cid, reason=reason)
+            return "release" if released.released else "not_held"
+
+        return await self._reasoned(request, "release", run)
+
+    async def _reasoned(
+        self, request: Request, action: str, run: Callable[[EvidenceDesk, str, str], Awaitable[str]]
+    ) -> Response:
+        """A checked form with its reason, the desk's action, then back to the page saying what was done."""
+        checked = await self.action_form(request, action)
         if isinstance(checked, Response):
             return checked
         session, cid, _, reason = checked
         try:
-            released = await self.c.desk(session).release(cid, reason=reason)
+            done = await run(self.c.desk(session), cid, reason)
         except (DeskError, StorageError) as exc:
             return self.failed(request, session, cid, exc)
-        done = "release" if released.released else "not_held"
         return RedirectResponse(f"/recordings/{cid}?done={done}", status_code=303)
 
     async def delete(self, request: Request) -> Response:
