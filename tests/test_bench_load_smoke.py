@@ -62,3 +62,31 @@ def test_bench_load_runs_at_a_tiny_level(
     assert app["app_cpu_s"] > 0 and app["rss_peak_mib"] > 0, app
     # Without --write the docs stay as they were.
     assert (REPO / "docs" / "benchmarks.md").read_bytes() == doc_before
+
+
+def test_bench_console_runs_with_two_sessions_and_every_call_reaches_every_board(
+    asterisk: Config, s3_server: Config, mqtt_broker: Config, tmp_path: Path
+) -> None:
+    """scripts/bench_console.py at 2 sessions × 2 calls: it exits 0 only if each session showed every call
+    and no row stayed after the calls ended, and it measured one delay per call and session."""
+    doc_before = (REPO / "docs" / "benchmarks.md").read_bytes()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_console.py"),
+            *("--runs", "2x2", "--waves", "1", "--call-s", "8", "--idle-s", "1", "--pause", "0"),
+            *("--config", str(STACK_CONFIG), "--workdir", str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "## Console: the live board under load" in proc.stdout
+    saved = json.loads((tmp_path / "results.json").read_text())
+    (run,) = saved["runs"]
+    assert (run["browsers"], run["attempted"], run["completed"], run["rec_ok"]) == (2, 2, 2, 2), run
+    assert run["seen"] == [2, 2] and run["left"] == [0, 0], run
+    assert len(run["appear_ms"]) == 4 and all(-1000 < d < 60_000 for d in run["appear_ms"]), run
+    assert saved["idle"]["browsers"] == 2 and run["console_rss_peak_mib"] > 0, saved
+    assert (REPO / "docs" / "benchmarks.md").read_bytes() == doc_before
