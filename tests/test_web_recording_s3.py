@@ -275,4 +275,15 @@ async def test_supervisor_plays_seeks_to_the_flag_and_holds_then_admin_downloads
     assert ("download", f"web:{ADMIN}", "verified") in plays
     # One play record for the supervisor's browser session however many Range requests it made.
     assert len([r for r in records if r["action"] == "play" and r["by"] == f"web:{SUPERVISOR}"]) <= 2
+    # The admin's audit page shows them too: `play` and `download` as two records by two users, in Japanese.
+    await admin.goto(f"{stack.url}/audit")
+    rows = admin.locator("#audit-rows tr")
+    play_row = rows.filter(has=admin.locator('td.action[data-action="play"]'))
+    download_row = rows.filter(has=admin.locator('td.action[data-action="download"]'))
+    assert await play_row.count() >= 1 and await download_row.count() >= 1
+    assert await play_row.first.locator("td.action").inner_text() == "再生"
+    assert await play_row.first.locator("td.by").inner_text() == f"web:{SUPERVISOR}"
+    assert await download_row.first.locator("td.action").inner_text() == "ダウンロード"
+    assert await download_row.first.locator("td.by").inner_text() == f"web:{ADMIN}"
+    watched.assert_clean()
     assert shot.exists()

@@ -162,7 +162,9 @@ async def test_admin_searches_and_opens_the_audit_page(
             break
         await asyncio.sleep(0.1)
         await page.reload()
-    assert await page.locator("td.action", has_text="list").count() >= 1
+    listed = page.locator('td.action[data-action="list"]')
+    assert await listed.count() >= 1
+    assert await listed.first.inner_text() == "一覧"  # the action's name in the page's language
     await page.get_by_role("button", name="今すぐ検証する").click()
     await page.wait_for_url(f"{console.url}/audit")
     ok = page.locator(".verify-state.ok")
