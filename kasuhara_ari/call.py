@@ -10,6 +10,7 @@ runs in its own task and its errors end only that call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
@@ -17,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from . import escalation as esc
@@ -29,7 +31,7 @@ from .detection.talk import Detection, Party, TalkDetector
 from .events import EventSink, now_iso
 from .policy import BudgetStep, TimeBudget
 from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
-from .safe import clean_caller_name, clean_caller_number
+from .safe import clean_caller_name, clean_caller_number, safe_call_id
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,12 @@ Event = dict[str, Any]
 
 #: Set (inherited, ``__`` prefix) on a channel once it heard the notice: it is not played to it again.
 NOTICE_VAR = "KASUHARA_NOTICE_PLAYED"
+
+#: A talking call that a stopping ``serve`` left to its successor: ``<spool>/<call_id>.handover``.
+HANDOVER_SCHEMA = "kasuhara.handover/1"
+HANDOVER_SUFFIX = ".handover"
+#: Put in a call's inbox to wake it when ``serve`` asks it to hand over.
+_HANDOVER_EVENT = "KasuharaHandover"
 
 
 class CallState(enum.Enum):
@@ -48,6 +56,8 @@ class CallState(enum.Enum):
     ESCALATING = "escalating"
     ENDING = "ending"
     ENDED = "ended"
+    #: Left talking, channels and recording untouched, for the next ``serve`` (a restart).
+    HANDED_OVER = "handed_over"
 
 
 class Telephony(Protocol):
@@ -169,6 +179,12 @@ class Call:
         detection = deps.cfg.detection
         self.talk = TalkDetector(detection) if detection.mode != "off" else None
         self._detections: list[Detection] = []
+        self._handover_asked = False
+        #: The handover file this call was resumed from (removed once its metadata is written).
+        self._resumed_from: Path | None = None
+        self._talk_before: dict[str, float] | None = None
+        #: When the call really ended, if it ended before we knew (while handed over): the audio's mtime.
+        self._ended_wall: float | None = None
 
     # --- facts ------------------------------------------------------------------------------------------
 
@@ -345,7 +361,7 @@ class Call:
     async def run(self) -> None:
         """The call from start to teardown; every way out (return, hangup, error) ends in ``_end``."""
         try:
-            await self._steps()
+            await (self._resumed_steps() if self._resumed_from is not None else self._steps())
         except ChannelGone as exc:
             log.info("call event=channel_gone_during_step call_id=%s error=%s", self.call_id, exc)
             self.record.end_reason = self.record.end_reason or "hung_up"
@@ -565,6 +581,9 @@ class Call:
                     agent_left = True
                     log.info("call event=agent_left call_id=%s supervisor=%s", self.call_id, supervisor)
                     self.emit("agent_left", supervisor=supervisor)
+            if self._handover_asked and not self.escalation.in_progress:
+                self._set_state(CallState.HANDED_OVER)
+                return
             action = self.take_agent_action()
             if action is not None:
                 ended = await self.escalation.handle(*action)
@@ -623,7 +642,11 @@ class Call:
             log.debug("call event=ignored_ari_error call_id=%s error=%s", self.call_id, exc)
 
     async def _end(self) -> None:
-        """The one teardown path: stop recording, hang up every leg, drop the bridge, write metadata."""
+        """The one teardown path: stop recording, hang up every leg, drop the bridge, write metadata.
+        A call handed over to the next ``serve`` leaves all of that to it (unless the handover file
+        cannot be written: then it ends here, as any other)."""
+        if self.state is CallState.HANDED_OVER and await self._write_handover():
+            return
         self._set_state(CallState.ENDING)
         ari = self.deps.ari
         try:
@@ -637,15 +660,19 @@ class Call:
                     await self._quietly(ari.hangup(channel_id))
             await self._quietly(ari.destroy_bridge(self.bridge_id))
         finally:
-            ended = time.time()
+            ended = self._ended_wall or time.time()
             self.record.ended_at = _iso(ended)
             if self._answered_wall is not None:
                 self.record.duration_s = round(ended - self._answered_wall, 3)
             if self.talk is not None:
                 self.record.talk = self.talk.totals(time.monotonic())
+                for party, seconds in (self._talk_before or {}).items():  # before a handover
+                    self.record.talk[party] = round(self.record.talk.get(party, 0.0) + seconds, 1)
             self.emit("ended", reason=self.record.end_reason or "normal", duration_s=self.record.duration_s)
             await self._write_metadata()
             self._set_state(CallState.ENDED)
+            if self._resumed_from is not None and self.deps.recorder.paths(self.call_id).metadata.exists():
+                self._resumed_from.unlink(missing_ok=True)
 
     async def _write_metadata(self) -> None:
         """Write the call's metadata; on a full (or failing) spool disk keep it here and try again until
@@ -686,6 +713,102 @@ class Call:
                 await self.deps.on_metadata(self.call_id)
             except Exception:
                 log.exception("call event=on_metadata_failed call_id=%s", self.call_id)
+
+    # --- handover across a restart of ``serve`` ------------------------------------------------------------
+
+    def ask_handover(self) -> None:
+        """``serve`` is stopping to restart: once talking (and no supervisor is being rung), this call
+        leaves its channels, bridge and recording as they are and writes what it knows for the next one."""
+        self._handover_asked = True
+        self.deliver({"type": _HANDOVER_EVENT})
+
+    def handover_path(self) -> Path:
+        paths = self.deps.recorder.paths(self.call_id)
+        return paths.host_dir / f"{paths.call_id}{HANDOVER_SUFFIX}"
+
+    async def _write_handover(self) -> bool:
+        at = now_iso()
+        record = self.record.as_dict()
+        record["timeline"].append({"event": "handed_over", "at": at})
+        doc = {
+            "schema": HANDOVER_SCHEMA,
+            "at": at,
+            "record": record,
+            "caller": {
+                "id": self.caller.id,
+                "name": self.caller.name,
+                "number": self.caller.caller_number,
+                "caller_name": self.caller.caller_name,
+                "language": self.caller.language,
+            },
+            "agent_id": self.agent_id,
+            "bridge_id": self.bridge_id,
+            "answered_at": self._answered_wall,
+            "supervisor": self.escalation.handover_state(),
+            "budget": {"warned": self.budget.warned, "ended": self.budget.ended},
+            "talk": self.talk.totals(time.monotonic()) if self.talk is not None else None,
+        }
+        try:
+            await asyncio.to_thread(write_json_atomic, self.handover_path(), doc)
+        except OSError as exc:
+            log.error("call event=handover_failed call_id=%s error=%s", self.call_id, exc.strerror or exc)
+            return False
+        self.emit("handed_over", at=at)
+        log.info("call event=handed_over call_id=%s", self.call_id)
+        return True
+
+    def resume(self, doc: dict[str, Any], path: Path, gone: dict[str, str]) -> None:
+        """Take over a call a previous ``serve`` handed over (``doc`` is its handover file; ``gone``: the
+        call's channels that no longer exist, with why). Raises KeyError/TypeError/ValueError on a file
+        that is not a handover."""
+        if doc.get("schema") != HANDOVER_SCHEMA:
+            raise ValueError(f"not a handover ({str(doc.get('schema'))[:40]!r})")
+        record = CallRecord.from_dict(doc["record"])
+        if safe_call_id(record.call_id) != self.call_id:
+            raise ValueError("the handover names another call")
+        self.record = record
+        self.agent_id = str(doc["agent_id"]) if doc.get("agent_id") else None
+        self.bridge_id = str(doc["bridge_id"])
+        answered = doc.get("answered_at")
+        self._answered_wall = float(answered) if isinstance(answered, int | float) else None
+        budget = doc.get("budget") or {}
+        self.budget.warned, self.budget.ended = bool(budget.get("warned")), bool(budget.get("ended"))
+        talk = doc.get("talk")
+        if isinstance(talk, dict):
+            self._talk_before = {str(k): float(v) for k, v in talk.items() if isinstance(v, int | float)}
+        self.escalation.resume(doc.get("supervisor") or {})
+        if self.record.recording_started:
+            self._paths = self.deps.recorder.paths(self.call_id)
+        for channel_id in [self.caller.id, self.agent_id or "", *self.escalation.channel_ids()]:
+            if channel_id:
+                self._in_stasis.add(channel_id)
+                self._up.add(channel_id)
+        for channel_id, why in gone.items():
+            self._gone[channel_id] = why
+        self._resumed_from = path
+        self._set_state(CallState.TALKING)
+
+    async def _resumed_steps(self) -> None:
+        """A call handed over by the previous ``serve``: it goes on talking (keys, budget, detection) and
+        ends here as if it had always been ours."""
+        self.emit(
+            "resumed",
+            direction=self.record.direction,
+            caller={"number": self.record.caller_number, "name": self.record.caller_name},
+            target=self.record.target,
+            agent=self.record.agent,
+            started_at=self.record.started_at,
+            flags=list(self.record.flags),
+            supervisor=self.escalation.supervisor_joined,
+        )
+        if self.channel_gone(self.caller.id) and self._paths is not None:
+            # The caller left while no serve ran: the recording stopped then, its last write says when.
+            with contextlib.suppress(OSError):
+                self._ended_wall = (await asyncio.to_thread(self._paths.audio.stat)).st_mtime
+        if self.channel_gone(self.caller.id) and (not self.agent_id or self.channel_gone(self.agent_id)):
+            self.record.end_reason = self.record.end_reason or "ended_during_handover"
+            return
+        await self._talk()
 
     async def repair_presented_id(self, channel: Channel) -> None:
         """Make ``channel``'s caller ID safe before a leg is dialled "from" it (which copies it into the

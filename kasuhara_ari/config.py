@@ -98,6 +98,11 @@ class StorageConfig:
 class RoutingConfig:
     default_target: str = "PJSIP/agent"
     dial_timeout_s: int = 30
+    #: What a stopping ``serve`` (SIGTERM: a restart, an upgrade) does with calls in progress: ``handover``
+    #: leaves talking calls up, bridged and recording for the next ``serve`` to take over; ``hangup`` ends
+    #: them. Calls not yet talking get ``handover_wait_s`` to get there, then are ended.
+    on_stop: str = "handover"
+    handover_wait_s: float = 10.0
 
 
 #: How the app learns that MixMonitor closed a file (``recording.completion``).
@@ -380,6 +385,10 @@ def _convert(key: str, value: Any, hint: Any, *, from_env: bool) -> Any:
 
 def _validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    if cfg.routing.on_stop not in ("handover", "hangup"):
+        raise ConfigError(f"routing.on_stop: {cfg.routing.on_stop[:40]!r} is not handover or hangup")
+    if not 0 <= cfg.routing.handover_wait_s <= 60:
+        raise ConfigError("routing.handover_wait_s: between 0 and 60 (systemd's stop timeout is longer)")
     for seq, action in cfg.escalation.keys.items():
         if not seq or any(ch not in DTMF_CHARS for ch in seq):
             raise ConfigError(f"escalation.keys: {seq!r} is not a DTMF sequence (0-9, *, #, A-D)")

@@ -93,6 +93,22 @@ class EscalationRunner:
     def channel_ids(self) -> list[str]:
         return list(self._supervisor_legs)
 
+    def handover_state(self) -> dict[str, Any]:
+        """What the next ``serve`` needs to carry on (a call is handed over only between escalations)."""
+        return {
+            "joined": self.supervisor_joined,
+            "leg": self._joined_leg,
+            "legs": list(self._supervisor_legs),
+        }
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """The inverse of :meth:`handover_state`: the joined supervisor stays joined, their leg ours."""
+        legs = state.get("legs") or []
+        self._supervisor_legs = [str(leg) for leg in legs if isinstance(leg, str)]
+        leg, joined = state.get("leg"), state.get("joined")
+        self._joined_leg = leg if isinstance(leg, str) and leg in self._supervisor_legs else None
+        self.supervisor_joined = str(joined) if joined and self._joined_leg else None
+
     @property
     def supervisor_leg(self) -> str | None:
         """The leg of the supervisor who joined and is still in the call, if any."""

@@ -109,6 +109,9 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "repeat_caller": frozenset({"count"}),
     "caller_listed": frozenset({"action"}),
     "ended": frozenset({"duration_s"}),
+    # a restart of serve: the stopping one left the call talking, the next one took it over
+    "handed_over": frozenset(),
+    "resumed": frozenset({"direction"}),
     "recording_stored": frozenset({"key"}),
     "metadata_quarantined": frozenset({"reason"}),
     "hold_incomplete": frozenset({"reason"}),

@@ -62,6 +62,7 @@ _STATE_AFTER = {
     "caller_hungup": "ending",
     "ended": "ended",
     "recording_stored": "stored",
+    "resumed": "talking",
 }
 _FINAL = {"ended": 1, "stored": 2}
 _SUPERVISION = {
@@ -262,12 +263,19 @@ class LiveBoard:
     def _fold(call: LiveCall, event: str, payload: Mapping[str, Any], at: dt.datetime | None) -> None:
         if event == "started":
             call.started_at = at
-            call.direction = _text(payload.get("direction"))
-            call.target = _text(payload.get("target"))
-            caller = payload.get("caller")
-            if isinstance(caller, Mapping):
-                call.caller_number = _text(caller.get("number"))
-                call.caller_name = _text(caller.get("name"))
+            LiveBoard._fold_who(call, payload)
+        elif event == "resumed":  # taken over by the next serve at a restart: what started/answered said
+            call.started_at = parse_at(payload.get("started_at")) or call.started_at or at
+            call.agent = _text(payload.get("agent"))
+            LiveBoard._fold_who(call, payload)
+            flags = payload.get("flags")
+            if isinstance(flags, list) and "harassment" in flags:
+                call.mark("flagged")
+            if isinstance(flags, list) and "repeat_caller" in flags:
+                call.mark("repeat_caller")
+            if payload.get("supervisor"):
+                call.escalation, call.supervisor = "joined", _text(payload.get("supervisor"))
+                call.mark("supervisor_joined")
         elif event in ("agent_answered", "customer_answered"):
             if event == "agent_answered":
                 call.agent = _text(payload.get("agent"))
@@ -304,6 +312,16 @@ class LiveBoard:
         elif event == "ended":
             call.ended_at = at
             call.duration_s = _duration(payload.get("duration_s"))
+
+    @staticmethod
+    def _fold_who(call: LiveCall, payload: Mapping[str, Any]) -> None:
+        """Direction, target and caller, as ``started`` (and ``resumed``) carry them."""
+        call.direction = _text(payload.get("direction"))
+        call.target = _text(payload.get("target"))
+        caller = payload.get("caller")
+        if isinstance(caller, Mapping):
+            call.caller_number = _text(caller.get("number"))
+            call.caller_name = _text(caller.get("name"))
 
     def expire(self, now: dt.datetime, keep_s: float) -> list[str]:
         """Forget calls that ended more than ``keep_s`` ago; returns their ids."""

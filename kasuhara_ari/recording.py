@@ -193,6 +193,41 @@ class CallRecord:
             "talk": self.talk,
         }
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> CallRecord:
+        """The inverse of :meth:`as_dict`: a call handed over by a stopping ``serve`` is resumed from it
+        (raises KeyError/TypeError/ValueError on a document that is not one)."""
+        caller = doc.get("caller") or {}
+        audio = doc.get("audio") or {}
+        escalations = [Escalation(**{k: e.get(k) for k in _ESCALATION_FIELDS}) for e in doc["escalations"]]
+        return cls(
+            call_id=str(doc["call_id"]),
+            direction=str(doc["direction"]),
+            caller_number=str(caller.get("number") or ""),
+            caller_name=str(caller.get("name") or ""),
+            target=str(doc["target"]),
+            started_at=str(doc["started_at"]),
+            agent=doc.get("agent"),
+            answered_at=doc.get("answered_at"),
+            agent_answered_at=doc.get("agent_answered_at"),
+            ended_at=doc.get("ended_at"),
+            duration_s=doc.get("duration_s"),
+            notice_played=bool(doc.get("notice_played")),
+            recording_started=bool(audio.get("expected")),
+            recording_error=doc.get("recording_error"),
+            end_reason=str(doc.get("end_reason") or ""),
+            escalations=escalations,
+            flags=[str(f) for f in doc.get("flags") or []],
+            hold=doc.get("hold"),
+            repeat_count=doc.get("repeat_count"),
+            listed=doc.get("listed"),
+            events=[dict(e) for e in doc.get("timeline") or []],
+            talk=doc.get("talk"),
+        )
+
+
+_ESCALATION_FIELDS = ("at", "action", "key", "by", "supervisor", "result")
+
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that a reader sees either nothing or the whole file, even after a crash."""

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from .announcement import NoticePlayer
 from .ari import CONNECTED, AriClient, AriError, Channel, ChannelGone
-from .call import Call, CallDeps
+from .call import HANDOVER_SUFFIX, Call, CallDeps, CallState
 from .callers import CallerPolicy
 from .config import Config
 from .events import EventSink
@@ -77,6 +81,7 @@ class StasisApp:
         self._tasks: asyncio.TaskGroup | None = None
         self.connected = asyncio.Event()
         self.finished_calls = 0
+        self.handed_over = 0
 
     def _claim(self, channel_id: str, call: Call) -> None:
         self._by_channel[channel_id] = call
@@ -176,6 +181,8 @@ class StasisApp:
     async def _run_call(self, call: Call) -> None:
         try:
             await call.run()
+            if call.state is CallState.HANDED_OVER:
+                self.handed_over += 1
         finally:
             self.calls.pop(call.call_id, None)
             self._by_bridge.pop(call.bridge_id, None)
@@ -190,16 +197,110 @@ class StasisApp:
             with contextlib.suppress(AriError):
                 await self.ari.hangup(channel_id)
 
+    # --- handover across a restart ----------------------------------------------------------------------
+
+    async def hand_over(self, wait_s: float) -> int:
+        """Ask every call to hand over to the next ``serve`` and wait (at most ``wait_s``) until each has
+        done so or ended; calls still ringing or escalating after that are ended by the caller of this
+        (cancellation), as before. Returns how many calls were handed over."""
+        before = self.handed_over
+        for call in list(self.calls.values()):
+            call.ask_handover()
+        deadline = time.monotonic() + wait_s
+        while self.calls and time.monotonic() < deadline:
+            for call in list(self.calls.values()):
+                call.ask_handover()  # calls that started meanwhile too
+            await asyncio.sleep(0.05)
+        handed = self.handed_over - before
+        log.info("stasis event=handed_over calls=%d left_to_end=%d", handed, len(self.calls))
+        return handed
+
+    async def _resume_handed_over(self) -> None:
+        """Take over the calls a previous ``serve`` left talking (``<spool>/<call_id>.handover``): each
+        goes on here, or ends here at once if its channels went away meanwhile (its metadata is written
+        either way). A file that cannot be read is renamed ``.bad`` and reported, never deleted."""
+        spool = self.cfg.recording.host_dir
+        try:
+            paths = sorted(p for p in spool.iterdir() if p.name.endswith(HANDOVER_SUFFIX))
+        except OSError as exc:
+            log.warning("stasis event=handover_scan_failed error=%s", exc.strerror or exc)
+            return
+        for path in paths:
+            try:
+                doc = json.loads(await asyncio.to_thread(path.read_bytes))
+                call_id = safe_call_id(str(doc["record"]["call_id"]))
+                caller_doc = doc["caller"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("stasis event=handover_unreadable file=%s error=%s", path.name, type(exc).__name__)
+                with contextlib.suppress(OSError):
+                    os.replace(path, path.with_name(path.name + ".bad"))
+                continue
+            if call_id in self.calls:
+                continue
+            try:
+                call = await self._resumed_call(doc, call_id, caller_doc, path)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("stasis event=handover_unreadable file=%s error=%s", path.name, exc)
+                with contextlib.suppress(OSError):
+                    os.replace(path, path.with_name(path.name + ".bad"))
+                continue
+            except AriError as exc:  # Asterisk not answering: try again at the next connection
+                log.warning("stasis event=handover_deferred call_id=%s error=%s", call_id, exc)
+                return
+            if call_id in self.calls:  # resumed meanwhile (a reconnect while we asked Asterisk)
+                continue
+            self.calls[call_id] = call
+            for channel_id in [call.caller.id, call.agent_id or "", *call.escalation.channel_ids()]:
+                if channel_id:
+                    self._by_channel[channel_id] = call
+            self._by_bridge[call.bridge_id] = call
+            log.info("stasis event=call_resumed call_id=%s", call_id)
+            self._spawn(self._run_call(call), f"call-{call_id}")
+
+    async def _resumed_call(self, doc: dict[str, Any], call_id: str, caller_doc: Any, path: Path) -> Call:
+        """The call of a handover file, its live channels asked from Asterisk (gone ones marked so)."""
+        record = doc["record"]
+        caller_id = str(caller_doc["id"])
+        ids = [caller_id, str(doc.get("agent_id") or ""), *((doc.get("supervisor") or {}).get("legs") or [])]
+        live: dict[str, Channel] = {}
+        gone: dict[str, str] = {}
+        for channel_id in [str(i) for i in ids if i]:
+            try:
+                live[channel_id] = await self.ari.get_channel(channel_id)
+            except ChannelGone:
+                gone[channel_id] = "gone while serve restarted"
+        caller = live.get(caller_id) or Channel(
+            caller_id,
+            str(caller_doc.get("name", "")),
+            "Up",
+            str(caller_doc.get("number", "")),
+            str(caller_doc.get("caller_name", "")),
+            str(caller_doc.get("language", "")),
+        )
+        call: Call
+        target = str(record["target"])
+        if record.get("direction") == "outbound":
+            agent_id = str(doc.get("agent_id") or "")
+            agent = live.get(agent_id) or Channel(agent_id, str(record.get("agent") or ""), "Up", "", "", "")
+            call = OutboundCall(self._deps, agent, call_id, target)
+            call.caller = caller
+        else:
+            call = Call(self._deps, caller, call_id, target)
+        call.resume(doc, path, gone)
+        return call
+
     # --- re-sync after a reconnect --------------------------------------------------------------------
 
     async def resync(self) -> None:
-        """Tell every call which of its channels vanished while we were not listening, and deal with
-        channels in the app that no call owns (left over from a previous run of the app)."""
+        """Tell every call which of its channels vanished while we were not listening, take over the
+        calls a previous ``serve`` handed over, and deal with channels in the app that no call owns
+        (left over from a previous run of the app that did not hand them over)."""
         try:
             app = await self.ari.application()
         except AriError as exc:
             log.warning("stasis event=resync_failed error=%s", exc)
             return
+        await self._resume_handed_over()
         in_app = set(app.get("channel_ids") or [])
         for channel_id, call in list(self._by_channel.items()):
             if call.channel_gone(channel_id):

@@ -29,7 +29,7 @@ from kasuhara_ari.accounts import AccountError, Accounts, Role
 from kasuhara_ari.config import Config, MqttConfig, WebConfig
 from kasuhara_ari.events import MqttEvents, build_payload, encode
 from kasuhara_ari.live import LIVE_SCHEMA, MAX_TEXT_CHARS, LiveBoard, LiveCall
-from kasuhara_ari.schemas import validate_event
+from kasuhara_ari.schemas import SchemaError, validate_event
 from kasuhara_ari.web import board as board_module
 from kasuhara_ari.web import create_app
 from kasuhara_ari.web.board import CLIENT_QUEUE, RESYNC_GRACE_S, BoardFeed, call_row, mask_number
@@ -89,6 +89,35 @@ def test_model_folds_a_call_into_states_and_badges() -> None:
     assert not call.live and call.elapsed_s(dt.datetime.fromisoformat(_at(99))) == 20.0
     board.apply(ev("agent_answered", 9, agent="late"))  # late or re-sent: never reopened
     assert call.state == "ended"
+
+
+def test_a_call_resumed_by_the_next_serve_shows_as_it_was() -> None:
+    """A board that first hears of a call from ``resumed`` (the console started after the restart, or
+    the old snapshot was from another boot) shows it talking, with who, since when and its flag."""
+    board = LiveBoard()
+    call = board.apply(
+        ev(
+            "resumed",
+            40,
+            direction="inbound",
+            caller={"number": NUMBER, "name": HOSTILE},
+            target="PJSIP/agent",
+            agent="PJSIP/agent",
+            started_at=_at(3),
+            flags=["harassment"],
+            supervisor="PJSIP/sup",
+        )
+    )
+    assert call is not None and (call.state, call.agent, call.caller_name) == (
+        "talking",
+        "PJSIP/agent",
+        HOSTILE,
+    )
+    assert call.elapsed_s(dt.datetime.fromisoformat(_at(43))) == 40  # since the call started, not the restart
+    assert call.badges == ["flagged", "supervisor_joined"] and call.alert
+    validate_event(ev("resumed", 40, direction="inbound", flags=["harassment"]))
+    with pytest.raises(SchemaError):
+        validate_event(ev("resumed", 40))  # direction is required
 
 
 def test_snapshot_round_trip_and_hostile_snapshots() -> None:

@@ -70,6 +70,8 @@ def test_env_sets_key_absent_from_file_and_list_and_table(tmp_path: Path) -> Non
         ("[mqtt]\nlinger_ms = 5000\n", {}, "mqtt.linger_ms"),
         ("[mqtt]\nlinger_ms = -1\n", {}, "mqtt.linger_ms"),
         ("[recording]\ncompletion = 'poll'\n", {}, "recording.completion"),
+        ("[routing]\non_stop = 'drop'\n", {}, "routing.on_stop"),
+        ("", {"KASUHARA_ROUTING__HANDOVER_WAIT_S": "600"}, "routing.handover_wait_s"),
         ("not toml [", {}, "not valid TOML"),
     ],
 )

@@ -377,6 +377,7 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "supervisor_ringing": {"supervisor": "PJSIP/s1", "attempt": 1},
         "supervisor_joined": {"supervisor": "PJSIP/s1", "attempt": 1},
         "ended": {"duration_s": 61.5, "reason": "normal"},
+        "resumed": {"direction": "inbound", "agent": "PJSIP/agent", "flags": ["harassment"]},
         "recording_stored": {"key": f"recordings/2025/01/31/{call_id}.wav", "bytes": 10, "sha256": "0" * 64},
         "long_call": {"duration_s": 1800.0},
         "repeat_caller": {"count": 4},

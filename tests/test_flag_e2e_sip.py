@@ -178,6 +178,23 @@ def _objects_of(store: MinioStore, call_id: str) -> dict[str, str]:
     return found
 
 
+def serve_env(asterisk: Config, app: str, bucket: str, prefix: str, spool: Path) -> dict[str, str]:
+    """The environment of a ``kasuhara serve`` subprocess with its own Stasis app, bucket, MQTT prefix
+    and spool (a directory of the stack's spool, named like ``spool``) on the stack's config."""
+    return {
+        **{k: v for k, v in os.environ.items() if not (k.startswith("KASUHARA_") and "__" in k)},
+        "KASUHARA_CONFIG": str(STACK_CONFIG),
+        "KASUHARA_ARI__APP": app,
+        "KASUHARA_STORAGE__BUCKET": bucket,
+        "KASUHARA_STORAGE__ENABLED": "true",
+        "KASUHARA_MQTT__ENABLED": "true",
+        "KASUHARA_MQTT__TOPIC_PREFIX": prefix,
+        "KASUHARA_RECORDING__ASTERISK_DIR": f"{asterisk.recording.asterisk_dir}/{spool.name}",
+        "KASUHARA_RECORDING__LOCAL_DIR": str(spool),
+        "KASUHARA_ANNOUNCEMENT__SOUND": TEST_NOTICE_SOUND,
+    }
+
+
 def _start_serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -217,18 +234,9 @@ async def test_serve_process_sigterm_mid_call_loses_nothing(
     create_bucket(store)
     spool = asterisk.recording.host_dir / f"term-{uid}"
     spool.mkdir(mode=0o777)
-    env = {
-        **{k: v for k, v in os.environ.items() if not (k.startswith("KASUHARA_") and "__" in k)},
-        "KASUHARA_CONFIG": str(STACK_CONFIG),
-        "KASUHARA_ARI__APP": app,
-        "KASUHARA_STORAGE__BUCKET": bucket,
-        "KASUHARA_STORAGE__ENABLED": "true",
-        "KASUHARA_MQTT__ENABLED": "true",
-        "KASUHARA_MQTT__TOPIC_PREFIX": prefix,
-        "KASUHARA_RECORDING__ASTERISK_DIR": f"{asterisk.recording.asterisk_dir}/term-{uid}",
-        "KASUHARA_RECORDING__LOCAL_DIR": str(spool),
-        "KASUHARA_ANNOUNCEMENT__SOUND": TEST_NOTICE_SOUND,
-    }
+    env = serve_env(asterisk, app, bucket, prefix, spool)
+    # Stopping ends the calls (the handover at a restart: tests/test_handover_sip.py).
+    env["KASUHARA_ROUTING__ON_STOP"] = "hangup"
     log = tmp_path / "serve.log"
     phones = []
     try:

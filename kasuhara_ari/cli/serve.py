@@ -25,9 +25,22 @@ def serve(config_path: str | None) -> None:
         notifier = Notifier()
         task = asyncio.create_task(service.run())
 
+        handing_over: list[asyncio.Task[int]] = []
+
         def stop() -> None:
+            """The first SIGTERM with ``routing.on_stop = handover`` leaves talking calls to the next
+            ``serve``, then stops; a second signal (or ``hangup``) stops at once, ending the calls."""
             notifier.stopping()
-            task.cancel()
+            if cfg.routing.on_stop == "handover" and not handing_over:
+                handing_over.append(asyncio.create_task(hand_over_then_stop()))
+            else:
+                task.cancel()
+
+        async def hand_over_then_stop() -> int:
+            try:
+                return await service.app.hand_over(cfg.routing.handover_wait_s)
+            finally:
+                task.cancel()
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
