@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
@@ -11,6 +12,9 @@ import pytest
 from kasuhara_ari import schemas
 from kasuhara_ari.events import CALL_EVENTS, MemoryEvents, build_payload
 from kasuhara_ari.schemas import SchemaError, validate_event, validate_recording
+from kasuhara_ari.uploader import orphan_metadata, salvage_metadata
+
+from audio import write_tone_wav
 
 AT = "2025-01-31T09:15:02.123+09:00"
 
@@ -179,6 +183,21 @@ def test_recording_metadata_before_and_after_upload_validates() -> None:
     never_answered.update(agent=None, answered_at=None, duration_s=None, escalations=[], flags=[], hold=None)
     never_answered["audio"] = {"format": "wav", "expected": False}
     validate_recording(never_answered)
+
+
+def test_what_orphan_adoption_writes_validates_and_only_an_orphan_may_not_know_its_direction(
+    tmp_path: Path,
+) -> None:
+    """The uploader's metadata for adopted audio (and for unusable metadata) has ``direction: null``:
+    release 0.1.0 stored such documents that its own schema refused (tests/test_release_fixtures.py)."""
+    wav = tmp_path / "1738282502.17.wav"
+    write_tone_wav(wav, 440.0)
+    validate_recording(orphan_metadata("1738282502.17", wav))
+    validate_recording(salvage_metadata("1738282502.17", None, "unreadable", "quarantine/x"))
+    not_orphan = copy.deepcopy(RECORDING)
+    not_orphan["direction"] = None
+    with pytest.raises(SchemaError, match=r"\$\.direction: "):
+        validate_recording(not_orphan)
 
 
 @pytest.mark.parametrize(
