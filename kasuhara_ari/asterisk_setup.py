@@ -344,25 +344,28 @@ class Installer:
 ; Inbound: from your own context, Set(KASUHARA_TARGET=PJSIP/agents) (optional: routing.default_target)
 ; and Goto(kasuhara-inbound,${{EXTEN}},1). Outbound: Set(KASUHARA_TARGET=PJSIP/${{EXTEN}}@trunk) and
 ; Goto(kasuhara-outbound,${{EXTEN}},1).
-; If the app is not running (STASISSTATUS=FAILED) the call still gets the notice and is recorded,
-; into {spool}/unmanaged/ on this host (not uploaded: collect those files yourself), then dialled
-; (KASUHARA_TARGET, else routing.default_target).
+; If the app is not running (STASISSTATUS=FAILED) the call still gets the notice and is recorded into
+; the spool as <linkedid>.wav, then dialled (KASUHARA_TARGET, else routing.default_target): once the app
+; runs again its uploader adopts the recording as an orphan (storage.orphan_after_s) and stores it.
 [kasuhara-inbound]
 exten => _[+0-9A-Za-z*#].,1,Stasis({app},inbound,${{KASUHARA_TARGET}})
  same => n,GotoIf($["${{STASISSTATUS}}" = "FAILED"]?fallback,1)
  same => n,Hangup()
 exten => fallback,1,Answer()
- same => n,MixMonitor({spool}/unmanaged/${{UNIQUEID}}.wav)
+ same => n,MixMonitor({spool}/${{CHANNEL(linkedid)}}.wav)
  same => n,Set(CHANNEL(language)={self.cfg.announcement.language})
  same => n,Playback({self.cfg.announcement.sound})
- same => n,Dial(${{IF($[${{LEN(${{KASUHARA_TARGET}})}} > 0]?${{KASUHARA_TARGET}}:{target})}})
+ ; Not IF(): its true:false split would cut a target at its first colon (PJSIP/x/sip:a@b:5060).
+ same => n,GotoIf($[${{LEN(${{KASUHARA_TARGET}})}} > 0]?dial)
+ same => n,Set(KASUHARA_TARGET={target})
+ same => n(dial),Dial(${{KASUHARA_TARGET}})
  same => n,Hangup()
 
 [kasuhara-outbound]
 exten => _[+0-9A-Za-z*#].,1,Stasis({app},outbound,${{KASUHARA_TARGET}})
  same => n,GotoIf($["${{STASISSTATUS}}" = "FAILED"]?fallback,1)
  same => n,Hangup()
-exten => fallback,1,MixMonitor({spool}/unmanaged/${{UNIQUEID}}.wav)
+exten => fallback,1,MixMonitor({spool}/${{CHANNEL(linkedid)}}.wav)
  same => n,Dial(${{KASUHARA_TARGET}})
  same => n,Hangup()
 """

@@ -92,6 +92,10 @@ class StorageConfig:
     queue_dir: str = ""
     sse_c_key: str = secret()
     enabled: bool = True
+    #: Audio without metadata, unchanged this long, is adopted as an orphan and uploaded with minimal
+    #: metadata (a crash mid-call, or the dialplan fallback's recordings while the app was down). Shorter
+    #: than a live call's longest spell without audio frames would adopt a live call's file.
+    orphan_after_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -385,6 +389,8 @@ def _convert(key: str, value: Any, hint: Any, *, from_env: bool) -> Any:
 
 def _validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    if not 1 <= cfg.storage.orphan_after_s <= 7 * 86400:
+        raise ConfigError("storage.orphan_after_s: between 1 and 604800 (a week)")
     if cfg.routing.on_stop not in ("handover", "hangup"):
         raise ConfigError(f"routing.on_stop: {cfg.routing.on_stop[:40]!r} is not handover or hangup")
     if not 0 <= cfg.routing.handover_wait_s <= 60:

@@ -1521,4 +1521,5 @@ def spool_status(spool: Spool, *, now: float | None = None, timing: Timing | Non
 
 def build_uploader(cfg: Config, events: EventSink, **options: Any) -> Uploader:
     """The uploader ``kasuhara serve`` runs: a :class:`MinioStore` from ``[storage]`` over the spool."""
+    options.setdefault("timing", Timing(orphan_after_s=cfg.storage.orphan_after_s))
     return Uploader(cfg, MinioStore.from_config(cfg.storage), events, **options)

@@ -25,8 +25,11 @@ from pathlib import Path
 import httpx
 import pytest
 from asterisk_node import STOCK, AsteriskNode
+from test_agi_sip import fetch
+from test_flag_e2e_sip import _objects_of
 
 from conftest import REPO, closed_port, skip_or_fail
+from s3_fixture import fresh_bucket, open_store
 from sip import agent_port, answering, caller, free_udp_port
 
 pytestmark = pytest.mark.integration
@@ -262,3 +265,81 @@ async def test_a_real_call_runs_on_the_installed_dropins_and_uninstall_takes_the
     assert gone.returncode == 0, gone.stderr
     node.rx("module reload res_ari.so")
     assert await _ari_ok(url, "kasuhara", password) == 401
+
+
+async def test_with_the_app_gone_the_installed_fallback_records_and_the_uploader_stores_it_later(
+    node: AsteriskNode, tmp_path: Path, sip_workdir: Path
+) -> None:
+    """``serve`` registered its app, then stopped (a restart, a crash): Asterisk answers Stasis() with
+    FAILED, the installed dialplan's fallback plays the notice, records into the spool as <linkedid>.wav and
+    dials the agent. When ``serve`` runs again, its uploader adopts that recording as an orphan and stores
+    it: no call unrecorded, no recording left behind on the Asterisk host."""
+    config = node_config(node, tmp_path)
+    with fresh_bucket("kt-fb") as (target, bucket):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KASUHARA_")}
+        env.update(
+            {
+                "KASUHARA_STORAGE__ENABLED": "true",
+                "KASUHARA_STORAGE__ENDPOINT": target.endpoint,
+                "KASUHARA_STORAGE__ACCESS_KEY": target.access_key,
+                "KASUHARA_STORAGE__SECRET_KEY": target.secret_key,
+                "KASUHARA_STORAGE__REGION": target.region,
+                "KASUHARA_STORAGE__BUCKET": bucket,
+                "KASUHARA_STORAGE__ORPHAN_AFTER_S": "1",
+                "KASUHARA_ROUTING__ON_STOP": "hangup",
+            }
+        )
+        where = ("--dest", str(node.etc), "--sounds", str(node.sounds))
+        done = kasuhara(config, "asterisk", "install", *where)
+        assert done.returncode == 0, done.stderr
+        await asyncio.to_thread(node.start)
+        log = tmp_path / "serve.log"
+
+        def serve() -> subprocess.Popen[bytes]:
+            cmd = [sys.executable, "-m", "kasuhara_ari.cli", "serve", "--config", str(config)]
+            return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+        # Registered once, then gone: Asterisk keeps the app's name but no websocket serves it.
+        first = serve()
+        try:
+            deadline = time.monotonic() + 30
+            while "stasis event=resynced" not in log.read_text(errors="replace"):
+                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                await asyncio.sleep(0.2)
+        finally:
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(30) == 0, log.read_text()[-2000:]
+
+        port = agent_port()
+        agent = await answering(sip_workdir, port, ring_ms=300).start()
+        customer = await caller(sip_workdir, port, call_ms=7000, server=f"127.0.0.1:{node.sip_port}").start()
+        try:
+            assert await customer.wait(60) == 0, customer.error_text() + node.log_tail()
+            assert agent.received("INVITE"), "the fallback did not dial the agent\n" + node.log_tail()
+            assert await agent.wait(20) == 0, agent.error_text()
+        finally:
+            await customer.stop()
+            await agent.stop()
+        wavs = sorted(node.spool.glob("*.wav"))
+        assert len(wavs) == 1 and not list(node.spool.glob("*.json")), list(node.spool.iterdir())
+        call_id = wavs[0].stem
+
+        second = serve()
+        try:
+            store = open_store(target, bucket)
+            try:
+                deadline = time.monotonic() + 60
+                while len(objects := await asyncio.to_thread(_objects_of, store, call_id)) < 2:
+                    assert second.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, (objects, log.read_text()[-3000:])
+                    await asyncio.sleep(0.5)
+                meta = json.loads(await asyncio.to_thread(fetch, store, objects["json"]))
+                audio = await asyncio.to_thread(fetch, store, objects["wav"])
+            finally:
+                store.close()
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(30) == 0, log.read_text()[-3000:]
+        assert meta["orphaned"] is True and meta["call_id"] == call_id, meta
+        assert meta["audio"]["bytes"] == len(audio) > 8000 * 2 * 5  # the notice and the talk, 8 kHz 16-bit
+        assert not list(node.spool.glob(f"{call_id}*")), "the recording stayed on the Asterisk host"

@@ -25,7 +25,7 @@ from ..storage import (
     StorageUnavailable,
     policy_documents,
 )
-from ..uploader import Spool, spool_status
+from ..uploader import Spool, Timing, spool_status
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, config_option, load_config
 
 ROLES = ("service", "retention", "admin")
@@ -168,7 +168,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     """Show the local upload backlog: recordings waiting in the spool and pending holds."""
     cfg = load_config(config_path)
     spool = Spool.from_config(cfg)
-    st = spool_status(spool)
+    st = spool_status(spool, timing=Timing(orphan_after_s=cfg.storage.orphan_after_s))
     if as_json:
         click.echo(json.dumps(st.as_dict()))
         raise SystemExit(EXIT_OK)
