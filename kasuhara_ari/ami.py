@@ -116,6 +116,26 @@ class AmiClient:
             raise AmiError(f"AMI action {name}: {result.get('Message', 'error')}")
         return result
 
+    async def action_list(
+        self, fields: Mapping[str, str], *, timeout: float | None = None
+    ) -> list[dict[str, str]]:
+        """An action answered by an event list (QueueStatus, DBGetTree): the response, then each event."""
+        name = fields.get("Action", "?")
+        if not self.ready:
+            raise AmiError(f"AMI at {self.address} is not connected (action {name})")
+        try:
+            future = self._manager.send_action(dict(fields))
+            resp = await asyncio.wait_for(asyncio.shield(future), timeout or self.action_timeout_s)
+        except TimeoutError:
+            raise AmiTimeout(
+                f"AMI action {name}: no answer within {timeout or self.action_timeout_s}s"
+            ) from None
+        answers = resp if isinstance(resp, list) else [resp]
+        messages = [{str(k): str(v) for k, v in dict(m).items()} for m in answers]
+        if messages and messages[0].get("Response", "").lower() == "error":
+            raise AmiError(f"AMI action {name}: {messages[0].get('Message', 'error')}")
+        return messages
+
     async def ping(self) -> None:
         await self.action({"Action": "Ping"})
 

@@ -41,9 +41,10 @@ SOUNDS = Path(__file__).resolve().parent / "data" / "sounds"
 #: Prompts of the test suite only (the 0.5 s test notice): never installed on a PBX.
 TEST_ONLY_PREFIX = "test-"
 #: AMI classes the app uses: MixMonitor/StopMixMonitor need ``system`` and ``call`` to write; the FastAGI
-#: call-end watch reads ``Hangup`` (``call``); ``system`` events tell a restart.
+#: call-end watch reads ``Hangup`` (``call``); ``system`` events tell a restart. The agent's recovery pause
+#: ([care]) writes ``agent`` (QueuePause), ``system`` (AstDB) and ``call`` (Setvar DEVICE_STATE, Getvar).
 AMI_READ = "call,system"
-AMI_WRITE = "system,call"
+AMI_WRITE = "system,call,agent"
 _SECRET_LINE = re.compile(r"^(\s*(?:password|secret)\s*=\s*).*$", re.MULTILINE)
 
 
@@ -347,8 +348,15 @@ class Installer:
 ; If the app is not running (STASISSTATUS=FAILED) the call still gets the notice and is recorded into
 ; the spool as <linkedid>.wav, then dialled (KASUHARA_TARGET, else routing.default_target): once the app
 ; runs again its uploader adopts the recording as an orphan (storage.orphan_after_s) and stores it.
+; Care: a direct target whose agent is in a recovery pause (device state Custom:kasuhara-care-<endpoint>
+; is BUSY) is replaced by KASUHARA_COOLDOWN_TARGET when you set one (e.g. a queue or a colleague).
 [kasuhara-inbound]
-exten => _[+0-9A-Za-z*#].,1,Stasis({app},inbound,${{KASUHARA_TARGET}})
+exten => _[+0-9A-Za-z*#].,1,Set(KASUHARA_AGENT=${{CUT(KASUHARA_TARGET,@,1)}})
+ same => n,Set(KASUHARA_AGENT=${{CUT(KASUHARA_AGENT,/,2)}})
+ same => n,GotoIf($[${{LEN(${{KASUHARA_COOLDOWN_TARGET}})}} = 0 \
+| ${{DEVICE_STATE(Custom:kasuhara-care-${{KASUHARA_AGENT}})}} != BUSY]?app)
+ same => n,Set(KASUHARA_TARGET=${{KASUHARA_COOLDOWN_TARGET}})
+ same => n(app),Stasis({app},inbound,${{KASUHARA_TARGET}})
  same => n,GotoIf($["${{STASISSTATUS}}" = "FAILED"]?fallback,1)
  same => n,Hangup()
 exten => fallback,1,Answer()
@@ -368,6 +376,16 @@ exten => _[+0-9A-Za-z*#].,1,Stasis({app},outbound,${{KASUHARA_TARGET}})
 exten => fallback,1,MixMonitor({spool}/${{CHANNEL(linkedid)}}.wav)
  same => n,Dial(${{KASUHARA_TARGET}})
  same => n,Hangup()
+
+; Care: the agent dials *0 to end their own recovery pause early (one beep: ended; two: there was none).
+; Add `include => kasuhara-care` to your agents' context.
+[kasuhara-care]
+exten => *0,1,Stasis({app},care-resume)
+ same => n,Answer()
+ same => n,Playback(beep)
+ same => n,GotoIf($["${{KASUHARA_CARE_RESUMED}}" = "1"]?done)
+ same => n,Playback(beep)
+ same => n(done),Hangup()
 """
         return _dropin_text("the dialplan entries", body)
 

@@ -76,6 +76,10 @@ ACTIONS = (
     "user_endpoint",
     # a console user joined a live call from the board (listen/whisper/barge): target = the call_id
     "supervise",
+    # care for agents (kasuhara care): target = the agent's endpoint name (a note's text stays in its object)
+    "care_report",
+    "care_note",
+    "care_resume",
 )
 _KEY_RE = re.compile(
     r"audit/(?P<y>[0-9]{4})/(?P<m>[0-9]{2})/(?P<d>[0-9]{2})/"

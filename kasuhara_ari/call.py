@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import escalation as esc
 from .announcement import NoticePlayer, PlayOutcome
@@ -32,6 +32,9 @@ from .events import EventSink, now_iso
 from .policy import BudgetStep, TimeBudget
 from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
 from .safe import clean_caller_name, clean_caller_number, safe_call_id
+
+if TYPE_CHECKING:
+    from .care.cooldown import CooldownKeeper
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,8 @@ class CallDeps:
     hold: Callable[[str, str, str, str], Awaitable[Any]] | None = None
     #: Repeat callers and the admin's caller list (policy); None = no caller rules.
     callers: CallerPolicy | None = None
+    #: The agent's recovery pause after a harassment call ([care]); None = no pauses.
+    care: CooldownKeeper | None = None
 
 
 #: Backoff of a metadata write the disk refused (retried until it succeeds; see _write_metadata).
@@ -185,6 +190,8 @@ class Call:
         self._talk_before: dict[str, float] | None = None
         #: When the call really ended, if it ended before we knew (while handed over): the audio's mtime.
         self._ended_wall: float | None = None
+        #: The queue member behind a ``Local/…`` agent leg (app_queue's MEMBERINTERFACE), for the pause.
+        self.agent_member: str | None = None
 
     # --- facts ------------------------------------------------------------------------------------------
 
@@ -500,7 +507,7 @@ class Call:
         if self.deps.claim_channel is not None:
             self.deps.claim_channel(agent_id, self)
         try:
-            await ari.create_channel(
+            leg = await ari.create_channel(
                 self.target,
                 channel_id=agent_id,
                 app_args=f"agent,{self.call_id}",
@@ -542,8 +549,11 @@ class Call:
                 return False
             await self.next_event(timeout=max(0.0, deadline - time.monotonic()) + 0.01)
         self.record.agent = self.target
+        if self.deps.care is not None:  # a queue behind the target: which member answered
+            self.agent_member = await self.deps.care.identify_member(leg.name)
+            self.record.agent = self.agent_member or self.target
         self.record.agent_answered_at = now_iso()
-        self.emit("agent_answered", agent=self.target)
+        self.emit("agent_answered", agent=self.record.agent)
         return True
 
     async def _why_unreachable(self, channel_id: str) -> str:
@@ -670,6 +680,8 @@ class Call:
                     self.record.talk[party] = round(self.record.talk.get(party, 0.0) + seconds, 1)
             self.emit("ended", reason=self.record.end_reason or "normal", duration_s=self.record.duration_s)
             await self._write_metadata()
+            if self.deps.care is not None:  # the agent's recovery pause, if the call asks for one
+                await self.deps.care.call_ended(self.call_id, self.record.as_dict(), self.agent_member)
             self._set_state(CallState.ENDED)
             if self._resumed_from is not None and self.deps.recorder.paths(self.call_id).metadata.exists():
                 self._resumed_from.unlink(missing_ok=True)

@@ -285,6 +285,40 @@ class WebConfig:
     index_reconcile_s: int = 3600
 
 
+#: What ends a call into an agent's cool-down (``[care]`` ``<trigger>_s``; 0 = not a trigger).
+CARE_TRIGGERS = ("flag", "warn", "warn_and_hangup", "supervisor", "detected")
+
+
+@dataclass(frozen=True)
+class CareConfig:
+    """Care for agents (kasuhara_ari/care): a recovery pause after a harassment call, the monthly report."""
+
+    #: Pause the agent after a call with one of the triggers (queue members: AMI QueuePause; everyone:
+    #: the ``Custom:kasuhara-care-<endpoint>`` device state the dialplan honours).
+    cooldown: bool = True
+    #: Seconds of pause per trigger; the longest of the call's triggers wins; 0 = that trigger is off.
+    flag_s: int = 300
+    warn_s: int = 300
+    warn_and_hangup_s: int = 300
+    supervisor_s: int = 300
+    detected_s: int = 0
+    #: The queue the pause applies to (QueuePause ``Queue``); empty = every queue the member is in.
+    queue: str = ""
+    #: QueuePause reason (``<reason> until=<UTC ISO time>``): how a sweep finds pauses that are ours.
+    pause_reason: str = "kasuhara-care"
+    #: ``care report``: an agent with this many harassment calls in the month, or this many minutes in
+    #: them, needs a manager's follow-up (0 = that measure is off).
+    follow_up_calls: int = 3
+    follow_up_minutes: float = 30.0
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """``[agents]``: endpoint name = the person (``agent1 = "佐藤 花子"``); read as ``agents.people``."""
+
+    people: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Config:
     ari: AriConfig = field(default_factory=AriConfig)
@@ -303,6 +337,8 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     general: GeneralConfig = field(default_factory=GeneralConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    care: CareConfig = field(default_factory=CareConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
     source: str = field(default="", compare=False)
 
     def redacted(self) -> dict[str, dict[str, Any]]:
@@ -455,6 +491,7 @@ def _validate(cfg: Config) -> None:
     _validate_callerid(cfg.callerid)
     _validate_mqtt_tls(cfg.mqtt)
     _validate_web(cfg.web)
+    _validate_care(cfg.care, cfg.agents)
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
@@ -557,6 +594,21 @@ def _validate_web(web: WebConfig) -> None:
             raise ConfigError(f"web.{name}: must be at least 1, got {getattr(web, name)}")
 
 
+def _validate_care(care: CareConfig, agents: AgentsConfig) -> None:
+    """Pause lengths are seconds (0 = off); endpoint names become S3 keys and device-state names."""
+    for trigger in CARE_TRIGGERS:
+        if not 0 <= getattr(care, f"{trigger}_s") <= 86400:
+            value = getattr(care, f"{trigger}_s")
+            raise ConfigError(f"care.{trigger}_s: must be between 0 and 86400, got {value}")
+    if care.follow_up_calls < 0 or care.follow_up_minutes < 0:
+        raise ConfigError("care.follow_up_calls / follow_up_minutes: must not be negative")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", care.pause_reason):
+        raise ConfigError(f"care.pause_reason: {care.pause_reason[:64]!r} must be letters, digits, . _ -")
+    for endpoint in agents.people:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", endpoint):
+            raise ConfigError(f"agents: {endpoint[:64]!r} is not an endpoint name (letters, digits, . _ -)")
+
+
 def _validate_agi(agi: AgiConfig) -> None:
     """The FastAGI server's limits and allow-list (``kasuhara agi``)."""
     for name in ("max_sessions", "max_sessions_per_peer"):
@@ -599,6 +651,9 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
             raise ConfigError(f"config file {p}: not valid TOML: {exc}") from None
         source = str(p)
 
+    # [agents] is a free table (endpoint = person): kept whole as agents.people.
+    if isinstance(raw.get("agents"), dict) and "people" not in raw["agents"]:
+        raw["agents"] = {"people": raw["agents"]}
     values: dict[str, dict[str, Any]] = {}
     for sec_name, sec_value in raw.items():
         if sec_name not in _SECTIONS:

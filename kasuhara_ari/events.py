@@ -117,6 +117,9 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     "hold_incomplete": frozenset({"reason"}),
     "monologue_detected": frozenset({"offset_s", "mode", "talking_s"}),
     "talk_over_detected": frozenset({"offset_s", "mode", "attempts"}),
+    # care: the agent's recovery pause after this call (kasuhara_ari/care/cooldown.py)
+    "agent_cooldown_started": frozenset({"agent", "trigger", "duration_s", "until"}),
+    "agent_cooldown_ended": frozenset({"agent", "reason"}),
 }
 #: Namespaces that route to ``<prefix>/<namespace>/<name>`` instead of a call's topic.
 NAMESPACES = frozenset({"retention", "audit"})

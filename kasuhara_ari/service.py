@@ -11,6 +11,7 @@ from typing import Any
 from .ami import AmiClient, AmiError
 from .ari import AriClient
 from .callers import CallerPolicy
+from .care.cooldown import CooldownKeeper
 from .config import Config
 from .events import EventSink, MqttEvents, NullEvents
 from .recording import CompletionWatcher, Recorder
@@ -143,8 +144,19 @@ class Service(Runtime):
                 return await uploader.hold(call_id, reason, by, started_at=started_at)
 
         self.callers = self._caller_policy()
+        self.care: CooldownKeeper | None = None
+        if cfg.care.cooldown:  # the agent's recovery pause after a harassment call (kasuhara_ari/care)
+            self.care = CooldownKeeper(cfg, ami, self.events)
+            self._runners.append(self.care.run)
         self.app = StasisApp(
-            cfg, self.ari, self.recorder, self.events, on_metadata=notify, hold=hold, callers=self.callers
+            cfg,
+            self.ari,
+            self.recorder,
+            self.events,
+            on_metadata=notify,
+            hold=hold,
+            callers=self.callers,
+            care=self.care,
         )
 
     def _caller_policy(self) -> CallerPolicy | None:

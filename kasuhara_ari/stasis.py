@@ -21,6 +21,7 @@ from .announcement import NoticePlayer
 from .ari import CONNECTED, AriClient, AriError, Channel, ChannelGone
 from .call import HANDOVER_SUFFIX, Call, CallDeps, CallState
 from .callers import CallerPolicy
+from .care.cooldown import CooldownKeeper, channel_endpoint
 from .config import Config
 from .events import EventSink
 from .outbound import OutboundCall
@@ -60,8 +61,10 @@ class StasisApp:
         on_metadata: Callable[[str], Awaitable[None]] | None = None,
         hold: Callable[[str, str, str, str], Awaitable[Any]] | None = None,
         callers: CallerPolicy | None = None,
+        care: CooldownKeeper | None = None,
     ) -> None:
         self.cfg = cfg
+        self.care = care
         self.ari = ari
         self.events = events
         self.calls: dict[str, Call] = {}
@@ -77,6 +80,7 @@ class StasisApp:
             claim_channel=self._claim,
             hold=hold,
             callers=callers,
+            care=care,
         )
         self._tasks: asyncio.TaskGroup | None = None
         self.connected = asyncio.Event()
@@ -120,6 +124,8 @@ class StasisApp:
         role = args[0] if args else ""
         if role in ("inbound", "outbound"):
             self._start_call(event, channel, args)
+        elif role == "care-resume":  # the agent's feature code: end my pause now
+            self._spawn(self._care_resume(channel), "care-resume")
         else:
             log.warning("stasis event=unexpected_channel channel=%s args=%s", channel.id, args[:3])
             self._spawn(self._return_to_dialplan(channel.id), "return")
@@ -189,6 +195,17 @@ class StasisApp:
             for chan in [k for k, v in self._by_channel.items() if v is call]:
                 del self._by_channel[chan]
             self.finished_calls += 1
+
+    async def _care_resume(self, channel: Channel) -> None:
+        """End the pause of the phone's own endpoint, then back to the dialplan (which confirms)."""
+        agent = channel_endpoint(channel.name)
+        ended = False
+        if self.care is not None and agent is not None:
+            ended = await self.care.end(agent, "agent", by=agent)
+        log.info("stasis event=care_resume agent=%s ended=%s", agent, ended)
+        with contextlib.suppress(AriError):
+            await self.ari.set_variable(channel.id, "KASUHARA_CARE_RESUMED", "1" if ended else "0")
+        await self._return_to_dialplan(channel.id)
 
     async def _return_to_dialplan(self, channel_id: str) -> None:
         try:

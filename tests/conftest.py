@@ -182,6 +182,9 @@ def call_cfg(asterisk: Config, test_spool: tuple[str, Path]) -> Config:
             recording=replace(asterisk.recording, asterisk_dir=asterisk_dir, local_dir=str(host_dir)),
             mqtt=replace(asterisk.mqtt, enabled=False),
             storage=replace(asterisk.storage, enabled=False),
+            # No recovery pauses (AstDB entries, device states, agent_cooldown_* events after ``ended``)
+            # unless the test is about them (tests/test_care_cooldown_sip.py switches them on).
+            care=replace(asterisk.care, cooldown=False),
         )
     )
 

@@ -144,7 +144,7 @@ def test_dry_run_install_and_uninstall_leave_the_operators_files_byte_identical(
     for secret in ("kasuhara.d/ari.conf", "manager.d/kasuhara.conf"):
         assert (node.etc / secret).stat().st_mode & 0o777 == 0o640
     manager = (node.etc / "manager.d" / "kasuhara.conf").read_text()
-    assert "read = call,system" in manager and "write = system,call" in manager  # least privilege
+    assert "read = call,system" in manager and "write = system,call,agent" in manager  # least privilege
     assert (node.sounds / "ja" / "kasuhara" / "recording-notice.wav").is_file()
 
     again = kasuhara(config, "asterisk", "install", *where)

@@ -386,6 +386,15 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "hold_incomplete": {"reason": "legal_hold_refused", "keys": ["recordings/x.wav"], "record": True},
         "monologue_detected": {"offset_s": 70.2, "mode": "observe", "talking_s": 60.0, "caller_share": 0.9},
         "talk_over_detected": {"offset_s": 90.0, "mode": "act", "attempts": 3, "window_s": 60.0},
+        "agent_cooldown_started": {
+            "agent": "agent1",
+            "trigger": "flag",
+            "duration_s": 300.0,
+            "until": "2025-01-31T09:20:02.123+00:00",
+            "interface": "PJSIP/agent1",
+            "queue_paused": True,
+        },
+        "agent_cooldown_ended": {"agent": "agent1", "reason": "expired", "by": None},
     }
     out: list[tuple[str, str | None, dict[str, Any]]] = [
         (event, call_id, fields.get(event, {})) for event in CALL_EVENTS

@@ -65,6 +65,8 @@ def _minimal(event: str) -> dict[str, Any]:
         "mode": "observe",
         "talking_s": 60.0,
         "attempts": 3,
+        "trigger": "flag",
+        "until": "2025-01-31T09:20:02.123+00:00",
     }
     fields = {name: values[name] for name in CALL_EVENTS[event]}
     if event == "recording_stored":

@@ -45,6 +45,7 @@ for _module, _attr in (
     ("users", "users"),
     ("web", "web"),
     ("asterisk", "asterisk"),
+    ("care", "care"),
 ):
     try:
         _mod = importlib.import_module(f"{__name__}.{_module}")

@@ -83,6 +83,10 @@ PERMITS: Mapping[str, frozenset[Role]] = {
     "callers_remove": _ADMIN,
     "users_admin": _ADMIN,  # kasuhara users add/passwd/disable/enable/role (console accounts)
     "supervise": frozenset({"supervisor", "admin"}),  # join a live call from the console's board
+    # care for agents (kasuhara care): the monthly report, follow-up notes, ending a pause early
+    "care_report": frozenset({"supervisor", "admin"}),
+    "care_note": frozenset({"supervisor", "admin"}),
+    "care_resume": frozenset({"supervisor", "admin"}),
 }
 
 
