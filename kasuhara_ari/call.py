@@ -754,6 +754,7 @@ class Call:
                 "language": self.caller.language,
             },
             "agent_id": self.agent_id,
+            "agent_member": self.agent_member,
             "bridge_id": self.bridge_id,
             "answered_at": self._answered_wall,
             "supervisor": self.escalation.handover_state(),
@@ -781,6 +782,8 @@ class Call:
         self.record = record
         self.agent_id = str(doc["agent_id"]) if doc.get("agent_id") else None
         self.bridge_id = str(doc["bridge_id"])
+        member = doc.get("agent_member")
+        self.agent_member = member if isinstance(member, str) else None
         answered = doc.get("answered_at")
         self._answered_wall = float(answered) if isinstance(answered, int | float) else None
         budget = doc.get("budget") or {}

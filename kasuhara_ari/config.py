@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .callerid import TemplateError, check_template
+from .node import is_safe_node_name
 
 ENV_PREFIX = "KASUHARA_"
 CONFIG_ENV = "KASUHARA_CONFIG"
@@ -229,6 +230,9 @@ class RetentionConfig:
     access_key: str = secret()
     secret_key: str = secret()
     daily_at: str = "03:00"
+    #: The sweep's lease (kasuhara_ari/lease.py): a holder silent this long may be taken over by another
+    #: node; it renews at a third of it, and stops deleting a margin (30 s, at most a fifth) before it.
+    lease_ttl_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,9 @@ class GeneralConfig:
     #: ``text`` (``2026-12-03 ... INFO kasuhara_ari.web web event=login ...``) or ``json`` (one object per
     #: line, each ``key=value`` a field: for Loki, Elasticsearch, Fluent Bit). Services only, like log_level.
     log_format: str = "text"
+    #: This node's name in metadata and events (``node``); empty = this host's short name. Set it to the
+    #: node's Asterisk ``systemname`` (which makes call ids unique across nodes): README, *Several nodes*.
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -458,6 +465,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"detection.talk_over_attempts: must be at least 1, got {det.talk_over_attempts}")
     if cfg.general.log_format not in ("text", "json"):
         raise ConfigError(f"general.log_format: {cfg.general.log_format!r} is not text or json")
+    if cfg.general.node and not is_safe_node_name(cfg.general.node):
+        raise ConfigError(
+            f"general.node: {cfg.general.node[:40]!r} is not a node name "
+            "(letters, digits, _ and -, at most 32)"
+        )
     lang = cfg.announcement.language
     if not lang or not all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in lang):
         raise ConfigError(f"announcement.language: {lang!r} is not a language code like ja or en")
@@ -479,6 +491,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"mqtt.linger_ms: must be between 0 and 1000, got {cfg.mqtt.linger_ms}")
     if cfg.retention.days < 1:
         raise ConfigError(f"retention.days: must be at least 1, got {cfg.retention.days}")
+    if not 1 <= cfg.retention.lease_ttl_s <= 86400:
+        raise ConfigError(f"retention.lease_ttl_s: must be 1..86400 seconds, got {cfg.retention.lease_ttl_s}")
     if not cfg.ari.url.startswith(("http://", "https://")):
         raise ConfigError(f"ari.url: must start with http:// or https://, got {cfg.ari.url!r}")
     if not cfg.recording.asterisk_dir.startswith("/"):

@@ -16,6 +16,7 @@ from .ami import AmiClient, AmiError
 from .ari import AriClient, AriError
 from .config import Config, console_keys, web_bind_refusal
 from .events import mqtt_tls_context
+from .safe import printable
 
 
 @dataclass
@@ -54,7 +55,21 @@ async def check_ari(cfg: Config) -> Check:
         return Check(
             "ari", False, f"{cfg.ari.url} Asterisk {version}: modules not loaded: {', '.join(missing)}"
         )
-    return Check("ari", True, f"{cfg.ari.url} Asterisk {version}, modules loaded")
+    systemname = str((info.get("config") or {}).get("name") or "")
+    if systemname and cfg.general.node and systemname != cfg.general.node:
+        # The call ids would name one node and the metadata and events another.
+        return Check(
+            "ari",
+            False,
+            f"{cfg.ari.url} Asterisk {version}: systemname {printable(systemname, max_chars=40)} but "
+            f"general.node {cfg.general.node}: set both to the node's name",
+        )
+    node = (
+        f"systemname {printable(systemname, max_chars=40)}"
+        if systemname
+        else "no systemname (call ids are not unique across nodes)"
+    )
+    return Check("ari", True, f"{cfg.ari.url} Asterisk {version}, modules loaded, {node}")
 
 
 async def check_ami(cfg: Config) -> Check:

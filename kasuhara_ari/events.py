@@ -351,6 +351,7 @@ class MqttEvents:
         version: str | None = None,
         log_interval_s: float = 10.0,
         live_snapshots: bool = False,
+        node: str | None = None,
     ) -> None:
         """Connection settings come from ``config`` (the ``[mqtt]`` section; defaults if None), each
         overridden by the keyword of the same name; the other keywords are tunables. ``live_snapshots``:
@@ -384,6 +385,8 @@ class MqttEvents:
         self._window = window
         self._linger_s = max(0.0, linger_s)
         self._hostname = hostname or socket.gethostname()
+        #: The node's name, added to every event and the status as ``node`` (several nodes, one broker).
+        self._node = node
         self._client_id = client_id or f"kasuhara-{os.getpid()}-{secrets.token_hex(4)}"
         self._version = version or _version()
         self.status_topic = f"{self._prefix}/status"
@@ -439,6 +442,8 @@ class MqttEvents:
     def _emit(self, event: str, call_id: str | None, fields: dict[str, Any]) -> None:
         if call_id is None and "call_id" in fields:
             call_id = fields["call_id"]
+        if self._node and "node" not in fields:
+            fields = {**fields, "node": self._node}
         try:
             topic = topic_for(self._prefix, event, call_id)
         except EventNameError as exc:
@@ -610,6 +615,7 @@ class MqttEvents:
                 "state": state,
                 "reason": reason,
                 "hostname": self._hostname,
+                **({"node": self._node} if self._node else {}),
                 "version": self._version,
                 "boot": self.boot,
             }

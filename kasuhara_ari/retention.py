@@ -21,16 +21,21 @@ legal holds are enforced by the server (refusals count as skipped), so a run cos
 legal-hold request. A dry run asks the guard for its verdicts (including a legal-hold check per object,
 since no server refuses anything there) and deletes nothing, takes no lease and writes nothing.
 
-**Two workers, crashes.** A run holds a lease, ``retention/lease.json``, taken and renewed with S3
-conditional writes (``If-None-Match: *`` / ``If-Match: <etag>``). A second worker that finds it held
-does nothing and says so (``busy``). A lease whose holder is past its expiry, or was a process on this
-host that no longer exists, is taken over. Before each deletion batch the run writes its journal
-(``retention/runs/<run_id>/<n>.json``: the recordings it is about to delete). Its audit record is
-written at the end. When a run crashed, the next run that takes its lease finishes the crashed run's
-audit record from that journal: recordings it deleted before it died (metadata gone, and not deleted by
-the new run) are listed there, the rest in the new run's own record — every deleted recording is in
-exactly one audit record. Without the lease (a server that ignores conditional writes) sweeps stay safe
-— deleting a version twice is a no-op — but a recording could be listed by both runs.
+**Two workers, crashes.** A run holds a lease (:mod:`kasuhara_ari.lease`): epoch objects
+``retention/lease/<epoch>.json``, created with ``If-None-Match: *`` and decided by the server's version
+order where the server ignores the condition. A second worker that finds it held does nothing and says
+so (``busy``; the CLI exits 3). A lease whose holder is past its expiry, or was a process on this host
+that no longer exists, is taken over as the next epoch. The epoch is a fencing token: before each
+deletion batch the run checks it still holds the lease (its own clock, then the newest epoch), so a
+worker paused past its expiry deletes nothing after it resumes (status ``lost_lease``).
+
+Before each deletion batch the run writes its journal (``retention/runs/<run_id>/<n>.json``: the
+recordings it is about to delete). Its audit record is written at the end. When a run crashed, the next
+run that takes its lease finishes the crashed run's audit record from that journal: recordings it
+deleted before it died (metadata gone, and not deleted by the new run) are listed there, the rest in the
+new run's own record — every deleted recording is in exactly one audit record. Without the lease
+(``use_lease=False``) sweeps stay safe — deleting a version twice is a no-op — but a recording could be
+listed by both runs.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from zoneinfo import ZoneInfo
 
 from .audit import AuditLog, AuditRecord, audit_key, new_id
 from .events import EventSink
+from .lease import Lease
+from .lease import LeaseLost as LeaseBaseLost
 from .safe import clean_log_value, is_safe_call_id
 from .search import local_midnight, parse_metadata, started_of
 from .storage import (
@@ -59,18 +66,17 @@ from .storage import (
     ObjectInfo,
     ObjectRef,
     ObjectStore,
-    PreconditionFailed,
-    PutResult,
     Refusal,
     StorageError,
     day_prefix,
     parse_recording_key,
-    replace_if_unchanged,
 )
 
 log = logging.getLogger(__name__)
 
-LEASE_KEY = f"{RETENTION_PREFIX}lease.json"
+LEASE_KEY = f"{RETENTION_PREFIX}lease.json"  # the single-object lease of earlier versions
+LEASE_PREFIX = f"{RETENTION_PREFIX}lease/"
+LEASE_SKEW_S = 30.0
 LEASE_SCHEMA = "kasuhara.retention-lease/1"
 JOURNAL_SCHEMA = "kasuhara.retention-journal/1"
 MAX_BATCH = 1000
@@ -276,7 +282,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RetentionLease:
-    """``retention/lease.json``: one sweep at a time across hosts, by conditional writes (see module)."""
+    """The sweep's lease: a :class:`~kasuhara_ari.lease.Lease` under ``retention/lease/`` (epoch objects,
+    the epoch is the fencing token) whose payload carries this run and the crashed runs handed on.
+
+    A ``retention/lease.json`` of an earlier version is still respected while it is held and unexpired
+    (a worker not yet upgraded), and its unfinished runs are inherited by the first epoch."""
 
     def __init__(
         self, store: ObjectStore, me: RunInfo, *, ttl_s: float = 600.0, hostname: str | None = None
@@ -285,111 +295,107 @@ class RetentionLease:
         self.me = me
         self.ttl_s = ttl_s
         self.hostname = hostname or socket.gethostname()
-        self.etag: str | None = None
+        owner = {
+            "run_id": me.run_id,
+            "by": me.by,
+            "host": me.host,
+            "pid": me.pid,
+            "started_at": me.started_at,
+        }
+        self.lease = Lease(
+            store,
+            LEASE_PREFIX,
+            owner=owner,
+            ttl_s=ttl_s,
+            skew_s=min(LEASE_SKEW_S, ttl_s / 5),
+            hostname=self.hostname,
+        )
         self.inherited: list[RunInfo] = []
         self.holder: dict[str, Any] | None = None
         self._renewed = 0.0
 
-    def _doc(self, state: str, pending: Sequence[RunInfo]) -> bytes:
-        expires = datetime.now(UTC) + timedelta(seconds=self.ttl_s)
-        doc = {
-            "schema": LEASE_SCHEMA,
-            "state": state,
-            **asdict(self.me),
-            "expires_at": expires.isoformat(timespec="seconds"),
-            "pending": [asdict(r) for r in pending],
-        }
-        return json.dumps(doc, indent=1).encode()
+    @property
+    def token(self) -> int | None:
+        """The fencing token (lease epoch) while held."""
+        return self.lease.token
 
-    def stale(self, doc: Mapping[str, Any]) -> bool:
-        """Whether a held lease may be taken over: expired, or its process on this host is gone."""
+    def _payload(self, pending: Sequence[RunInfo]) -> dict[str, Any]:
+        return {"run": asdict(self.me), "pending": [asdict(r) for r in pending]}
+
+    async def _legacy(self) -> dict[str, Any] | None:
+        """``retention/lease.json`` of an earlier version, if any."""
+        if await self.store.stat(LEASE_KEY) is None:
+            return None
+        try:
+            doc = json.loads(await self.store.get_bytes(LEASE_KEY) or b"")
+        except ValueError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def _legacy_live(self, doc: Mapping[str, Any]) -> bool:
         if doc.get("state") != "held":
-            return True
+            return False
         try:
             expires = datetime.fromisoformat(str(doc["expires_at"]))
         except (KeyError, ValueError):
-            return True
+            return False
         if expires <= datetime.now(UTC):
-            return True
-        return doc.get("host") == self.hostname and not _pid_alive(int(doc.get("pid", 0) or 0))
+            return False
+        return not (doc.get("host") == self.hostname and not _pid_alive(int(doc.get("pid", 0) or 0)))
 
     async def acquire(self) -> bool:
         """Take the lease; ``False`` (with :attr:`holder` set) if another live run holds it."""
-        for _ in range(5):
-            info = await self.store.stat(LEASE_KEY)
-            try:
-                if info is None:
-                    result = await self.store.put_bytes_if(
-                        LEASE_KEY, self._doc("held", []), metadata={}, if_none_match=True
-                    )
-                    inherited: list[RunInfo] = []
-                else:
-                    data = await self.store.get_bytes(LEASE_KEY)
-                    try:
-                        doc = json.loads(data or b"")
-                        if not isinstance(doc, dict):
-                            raise ValueError("not an object")
-                    except ValueError:
-                        doc = {}
-                    if not self.stale(doc):
-                        self.holder = {k: doc.get(k) for k in ("run_id", "by", "host", "pid", "started_at")}
-                        self.holder["expires_at"] = doc.get("expires_at")
-                        return False
-                    inherited = [r for r in map(RunInfo.from_dict, doc.get("pending") or []) if r]
-                    crashed = RunInfo.from_dict(doc) if doc.get("state") == "held" else None
-                    if crashed is not None:
-                        log.warning(
-                            "retention event=lease_taken_over run_id=%s host=%s pid=%s",
-                            crashed.run_id,
-                            crashed.host,
-                            crashed.pid,
-                        )
-                        inherited.append(crashed)
-                    result = await self._put_over(info.etag, self._doc("held", inherited))
-            except PreconditionFailed:
-                await asyncio.sleep(0.05)
-                continue
-            # A server that ignored the condition would let two writers both "win": read back.
-            check = json.loads(await self.store.get_bytes(LEASE_KEY) or b"{}")
-            if check.get("run_id") != self.me.run_id:
-                self.holder = {k: check.get(k) for k in ("run_id", "by", "host", "pid", "started_at")}
+        legacy: dict[str, Any] | None = None
+        if await self.lease.current_epoch() is None:
+            legacy = await self._legacy()
+            if legacy is not None and self._legacy_live(legacy):
+                self.holder = {k: legacy.get(k) for k in ("run_id", "by", "host", "pid", "started_at")}
+                self.holder["expires_at"] = legacy.get("expires_at")
                 return False
-            self.etag = result.etag
-            self.inherited = inherited
-            self._renewed = monotonic_time.monotonic()
-            return True
-        self.holder = {"run_id": "?", "note": "lease contended"}
-        return False
+        if not await self.lease.acquire(self._payload([])):
+            self.holder = self.lease.holder
+            return False
+        prev = self.lease.previous if self.lease.previous is not None else legacy
+        inherited: list[RunInfo] = []
+        if prev:
+            payload = prev.get("payload") if isinstance(prev.get("payload"), dict) else prev
+            assert isinstance(payload, dict)
+            inherited = [r for r in map(RunInfo.from_dict, payload.get("pending") or []) if r]
+            crashed_doc = payload.get("run", prev) if "payload" in prev else prev
+            crashed = RunInfo.from_dict(crashed_doc) if prev.get("state") == "held" else None
+            if crashed is not None and crashed.run_id != self.me.run_id:
+                log.warning(
+                    "retention event=lease_taken_over run_id=%s host=%s pid=%s",
+                    crashed.run_id,
+                    crashed.host,
+                    crashed.pid,
+                )
+                inherited.append(crashed)
+        self.inherited = inherited
+        if inherited:
+            await self.lease.renew(self._payload(inherited))
+        self._renewed = monotonic_time.monotonic()
+        return True
 
-    async def _put_over(self, etag: str | None, doc: bytes) -> PutResult:
-        """Replace the lease if it still has ``etag`` (see :func:`replace_if_unchanged` for servers that
-        refuse ``If-Match``); :meth:`acquire`'s read-back still decides who won."""
-        if etag is None:
-            return await self.store.put_bytes_if(LEASE_KEY, doc, metadata={}, if_match=etag)
-        return await replace_if_unchanged(
-            self.store, LEASE_KEY, doc, metadata={}, etag=etag, what="retention"
-        )
+    async def check(self) -> int:
+        """Fencing: the token if this run still holds the lease, else :class:`LeaseLost`."""
+        try:
+            return await self.lease.check()
+        except LeaseBaseLost as exc:
+            raise LeaseLost(f"the retention lease was taken over by another worker ({exc})") from None
 
     async def renew_if_due(self) -> None:
-        if self.etag is None or monotonic_time.monotonic() - self._renewed < self.ttl_s / 3:
+        if self.lease.token is None or monotonic_time.monotonic() - self._renewed < self.ttl_s / 3:
             return
         try:
-            result = await self._put_over(self.etag, self._doc("held", self.inherited))
-        except PreconditionFailed:
-            self.etag = None
-            raise LeaseLost("the retention lease was taken over by another worker") from None
-        self.etag = result.etag
+            await self.lease.renew(self._payload(self.inherited))
+        except LeaseBaseLost as exc:
+            raise LeaseLost(f"the retention lease was taken over by another worker ({exc})") from None
         self._renewed = monotonic_time.monotonic()
 
     async def release(self, pending: Sequence[RunInfo]) -> None:
         """Mark the lease free, handing on the runs whose audit record still has to be finished."""
-        if self.etag is None:
-            return
-        try:
-            await self._put_over(self.etag, self._doc("free", pending))
-        except PreconditionFailed:
-            log.warning("retention event=lease_lost_before_release run_id=%s", self.me.run_id)
-        self.etag = None
+        await self.lease.release(self._payload(pending))
 
 
 # --------------------------------------------------------------------------------------------- sweep
@@ -510,12 +516,24 @@ class RetentionSweep:
         if self._inflight is not None and not self._inflight.done():
             with contextlib.suppress(Exception):
                 await self._inflight
-        written = await self._write_audit(r)
+        if r.status == "lost_lease" and await self._audit_written(r.audit_key):
+            # The worker that took the lease over already finished our record from our journal.
+            written = True
+        else:
+            written = await self._write_audit(r)
         if self.use_lease and r.status != "lost_lease":
             # Our own record not written (S3 down)? Hand our run on so the next run finishes it.
             with contextlib.suppress(StorageError):
                 await self.lease.release(pending_runs + ([] if written else [self.me]))
         self._emit("retention.completed", status=r.status, run_id=r.run_id, **r.counts())
+
+    async def _audit_written(self, key: str) -> bool:
+        """Whether ``key`` exists, by listing (the retention role may not read audit records)."""
+        with contextlib.suppress(StorageError):
+            async for obj in self.store.list_prefix(key):
+                if obj.key == key:
+                    return True
+        return False
 
     async def _write_audit(self, r: SweepReport) -> bool:
         if r.dry_run:
@@ -668,6 +686,10 @@ class RetentionSweep:
 
     async def _delete_batch(self, batch: list[_Candidate]) -> None:
         r = self.report
+        if self.use_lease:
+            # Fencing: a run that lost the lease (paused past its expiry, taken over) deletes nothing more.
+            await self.lease.renew_if_due()
+            await self.lease.check()
         if not self.dry_run:
             await self._journal(batch)
         audio_refs = [ref for c in batch for ref in c.rec.refs(c.rec.audio)]

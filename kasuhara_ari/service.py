@@ -14,6 +14,7 @@ from .callers import CallerPolicy
 from .care.cooldown import CooldownKeeper
 from .config import Config
 from .events import EventSink, MqttEvents, NullEvents
+from .node import node_name
 from .recording import CompletionWatcher, Recorder
 from .stasis import STASIS_EVENTS, StasisApp
 from .storage import MinioStore
@@ -49,7 +50,7 @@ class Runtime:
         if not self.cfg.mqtt.enabled:
             return NullEvents()
         # The service's publisher keeps each live call's snapshot retained (<prefix>/live/<call_id>).
-        publisher = MqttEvents(self.cfg.mqtt, live_snapshots=True)
+        publisher = MqttEvents(self.cfg.mqtt, live_snapshots=True, node=node_name(self.cfg.general.node))
         self._runners.append(publisher.run)
         self._closers.append(lambda: publisher.close(timeout=3))
         return publisher

@@ -2058,7 +2058,8 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
             {
                 "Sid": "LeaseRunJournalAndAuditChain",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject"],
+                # GetObjectVersion: the lease reads its epoch object's versions (kasuhara_ari/lease.py).
+                "Action": ["s3:GetObject", "s3:GetObjectVersion", "s3:PutObject"],
                 "Resource": objects(RETENTION_PREFIX, chains),
             },
             {

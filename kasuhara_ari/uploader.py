@@ -67,6 +67,7 @@ from typing import Any
 
 from .config import Config
 from .events import EventSink, StatusDetails, now_iso
+from .node import node_name
 from .safe import (
     UntrustedJsonError,
     clean_caller_name,
@@ -1360,6 +1361,9 @@ class Uploader:
             await self.holds.apply(hold, keys, resolve=False)  # record first (objects may not exist yet)
         audio = await self._store_audio(call_id, keys, decision, held=hold is not None)
         doc = final_metadata(metadata, keys, audio, hold)
+        if not doc.get("node"):
+            # The uploader runs beside the node that recorded (one spool per node): it names it.
+            doc["node"] = node_name(self.cfg.general.node)
         meta_version, meta_created = await self._store_metadata(keys, doc, audio, held=hold is not None)
         # The versions this upload created (or found): what a hold pins, so a later PUT to either key
         # can never stand in for the evidence.

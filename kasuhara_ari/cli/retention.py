@@ -14,6 +14,7 @@ import click
 
 from ..audit import AuditLog, CommandEvents, actor
 from ..config import Config
+from ..lease import LeaseUnsupported
 from ..retention import MAX_BATCH, LeaseLost, RetentionSweep, SweepReport, next_run, parse_daily_at
 from ..safe import json_for_terminal, printable
 from ..storage import MinioStore, StorageError
@@ -101,7 +102,12 @@ def _summary(report: SweepReport, cfg: Config) -> None:
         rows.append(("crashed run recorded", f"{run.get('run_id')}: {run.get('purged', 0)} purged"))
     if report.lease_holder:
         h = report.lease_holder
-        rows.append(("lease held by", f"run {h.get('run_id')} on {h.get('host')} pid {h.get('pid')}"))
+        rows.append(
+            (
+                "lease held by",
+                f"run {h.get('run_id')} on {h.get('host')} pid {h.get('pid')} until {h.get('expires_at')}",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -109,7 +115,7 @@ def _summary(report: SweepReport, cfg: Config) -> None:
         key, why = printable(problem.key, max_chars=300), printable(problem.problem)
         click.echo(f"problem: {key}: {why}", err=True)
     if report.status == "busy":
-        click.echo("another retention sweep holds the lease; this one did nothing", err=True)
+        click.echo("refused: another retention sweep holds the lease; this one did nothing", err=True)
 
 
 async def _one_sweep(
@@ -125,6 +131,7 @@ async def _one_sweep(
             tz=timezone_of(cfg),
             dry_run=dry_run,
             batch_size=batch_size,
+            lease_ttl_s=cfg.retention.lease_ttl_s,
             on_days=bar.start,
             on_day=bar.step,
         )
@@ -175,11 +182,15 @@ def run_cmd(config_path: str | None, days: int | None, dry_run: bool, batch_size
         report = run_async(cfg, go)
     except LeaseLost as exc:
         finish(EXIT_FAILED, f"stopped: {exc}")
+    except LeaseUnsupported as exc:
+        finish(EXIT_REFUSED, f"refused: {exc}")
     if as_json:
         click.echo(json_for_terminal(report.as_dict(), indent=1))
     else:
         _summary(report, cfg)
-    raise SystemExit(EXIT_OK if report.status in {"completed", "busy"} else EXIT_FAILED)
+    # Another node's sweep holding the lease is a refusal (3), not a failure: nothing to retry now.
+    codes = {"completed": EXIT_OK, "busy": EXIT_REFUSED}
+    raise SystemExit(codes.get(report.status, EXIT_FAILED))
 
 
 async def _sleep_until(due: datetime) -> None:
