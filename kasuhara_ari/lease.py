@@ -71,7 +71,8 @@ def epoch_of(prefix: str, key: str) -> int | None:
     return int(m["epoch"]) if m else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (0 or less, or not ours to signal: assume it does)."""
     if pid <= 0:
         return True
     try:
@@ -203,7 +204,7 @@ class Lease:
             pid = int(doc.get("pid", 0) or 0)
         except (TypeError, ValueError):
             pid = 0
-        return doc.get("host") == self.hostname and not _pid_alive(pid)
+        return doc.get("host") == self.hostname and not pid_alive(pid)
 
     # -- the lease
 

@@ -55,7 +55,7 @@ from zoneinfo import ZoneInfo
 
 from .audit import AuditLog, AuditRecord, audit_key, new_id
 from .events import EventSink
-from .lease import Lease
+from .lease import Lease, pid_alive
 from .lease import LeaseLost as LeaseBaseLost
 from .safe import clean_log_value, is_safe_call_id
 from .search import local_midnight, parse_metadata, started_of
@@ -269,18 +269,6 @@ class RunInfo:
         return info if is_safe_call_id(info.run_id) else None
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RetentionLease:
     """The sweep's lease: a :class:`~kasuhara_ari.lease.Lease` under ``retention/lease/`` (epoch objects,
     the epoch is the fencing token) whose payload carries this run and the crashed runs handed on.
@@ -341,7 +329,7 @@ class RetentionLease:
             return False
         if expires <= datetime.now(UTC):
             return False
-        return not (doc.get("host") == self.hostname and not _pid_alive(int(doc.get("pid", 0) or 0)))
+        return not (doc.get("host") == self.hostname and not pid_alive(int(doc.get("pid", 0) or 0)))
 
     async def acquire(self) -> bool:
         """Take the lease; ``False`` (with :attr:`holder` set) if another live run holds it."""
