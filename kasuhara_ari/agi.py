@@ -56,6 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import metrics
 from .agi_server import (
     AgiCommandError,
     AgiError,
@@ -353,6 +354,7 @@ class CallEndWatch:
         """An event to MQTT and into the call's own timeline (exported with the evidence)."""
         self.events.emit(event, call.call_id, **fields)
         call.record.events.append({"event": event, "at": now_iso(), **fields})
+        metrics.observe_call_event(event, fields, call.record.direction)
 
     def session_ended(self, call: LegacyCall) -> None:
         call.session_open = False
@@ -855,6 +857,7 @@ class AgiCallFlow:
             # -1 is both "hung up" and "could not play": only a live channel answers CHANNEL STATUS.
             await self._still_there(session)
             log.error("agi event=notice_failed call_id=%s sound=%s", call.call_id, self.sound)
+            metrics.NOTICE_FAILURES.inc()
             call.notice_skipped = "failed"
         else:
             call.record.notice_played = True

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from panoramisk import Manager
+
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +100,13 @@ class AmiClient:
     def on_event(self, pattern: str, callback: Callable[[Any, Any], Any]) -> None:
         self._manager.register_event(pattern, callback)
 
-    async def action(self, fields: Mapping[str, str], *, timeout: float | None = None) -> dict[str, str]:
-        """Send one action and return its response as a dict; errors become AmiError/AmiTimeout."""
+    async def _send(self, fields: Mapping[str, str], timeout: float | None) -> list[dict[str, str]]:
+        """One action on the wire, timed (metrics); its answer as a list of messages, the response
+        first (panoramisk gives a list for actions answered by an event list)."""
         name = fields.get("Action", "?")
         if not self.ready:
             raise AmiError(f"AMI at {self.address} is not connected (action {name})")
+        started = time.perf_counter()
         try:
             future = self._manager.send_action(dict(fields))
             resp = await asyncio.wait_for(asyncio.shield(future), timeout or self.action_timeout_s)
@@ -109,32 +114,25 @@ class AmiClient:
             raise AmiTimeout(
                 f"AMI action {name}: no answer within {timeout or self.action_timeout_s}s"
             ) from None
-        if isinstance(resp, list):  # as_list responses
-            resp = resp[0] if resp else {}
-        result = {str(k): str(v) for k, v in dict(resp).items()}
-        if result.get("Response", "").lower() == "error":
-            raise AmiError(f"AMI action {name}: {result.get('Message', 'error')}")
-        return result
-
-    async def action_list(
-        self, fields: Mapping[str, str], *, timeout: float | None = None
-    ) -> list[dict[str, str]]:
-        """An action answered by an event list (QueueStatus, DBGetTree): the response, then each event."""
-        name = fields.get("Action", "?")
-        if not self.ready:
-            raise AmiError(f"AMI at {self.address} is not connected (action {name})")
-        try:
-            future = self._manager.send_action(dict(fields))
-            resp = await asyncio.wait_for(asyncio.shield(future), timeout or self.action_timeout_s)
-        except TimeoutError:
-            raise AmiTimeout(
-                f"AMI action {name}: no answer within {timeout or self.action_timeout_s}s"
-            ) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.AMI_REQUEST_SECONDS.labels(metrics.label_value(name)).observe(elapsed)
         answers = resp if isinstance(resp, list) else [resp]
         messages = [{str(k): str(v) for k, v in dict(m).items()} for m in answers]
         if messages and messages[0].get("Response", "").lower() == "error":
             raise AmiError(f"AMI action {name}: {messages[0].get('Message', 'error')}")
         return messages
+
+    async def action(self, fields: Mapping[str, str], *, timeout: float | None = None) -> dict[str, str]:
+        """Send one action and return its response as a dict; errors become AmiError/AmiTimeout."""
+        messages = await self._send(fields, timeout)
+        return messages[0] if messages else {}
+
+    async def action_list(
+        self, fields: Mapping[str, str], *, timeout: float | None = None
+    ) -> list[dict[str, str]]:
+        """An action answered by an event list (QueueStatus, DBGetTree): the response, then each event."""
+        return await self._send(fields, timeout)
 
     async def ping(self) -> None:
         await self.action({"Action": "Ping"})

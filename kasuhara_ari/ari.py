@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +196,14 @@ class AriClient:
         query = {k: _q(v) for k, v in (params or {}).items() if v is not None}
         wait = timeout if timeout is not None else self.timeout
         ws = self._lane()
-        if ws is not None:
-            status, text = await self._ws_request(ws, method, path, query, body, wait)
-        else:
-            status, text = await self._http_request(method, path, query, body, wait)
+        started = time.perf_counter()
+        try:
+            if ws is not None:
+                status, text = await self._ws_request(ws, method, path, query, body, wait)
+            else:
+                status, text = await self._http_request(method, path, query, body, wait)
+        finally:
+            metrics.ARI_REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
         return _check(method, path, status, text)
 
     def _lane(self) -> ClientConnection | None:
@@ -213,6 +220,11 @@ class AriClient:
             if waiting < fewest:
                 best, fewest = ws, waiting
         return best
+
+    @property
+    def events_connected(self) -> bool:
+        """Whether the event websocket is up now (``kasuhara_ari_connected``)."""
+        return self._ws is not None
 
     @property
     def rest_websockets(self) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Self
 
 import aiomqtt
 
+from . import metrics
 from .config import Config, MqttConfig
 from .events import (
     EventNameError,
@@ -235,7 +236,11 @@ class AuditLog:
     async def write(self, record: AuditRecord) -> AuditRecord:
         """Link the record into this writer's hash chain and store it (raises :class:`StorageError` if
         S3 refuses), then emit it. Returns the record as stored, with its ``chain`` link."""
-        record, sha = await AuditChain(self.store, by=self.by, host=self.host).append(record)
+        try:
+            record, sha = await AuditChain(self.store, by=self.by, host=self.host).append(record)
+        except StorageError:
+            metrics.AUDIT_WRITE_FAILURES.inc()
+            raise
         call_id = record.target.get("call_id")
         fields = record.event_fields()
         if record.chain is not None:

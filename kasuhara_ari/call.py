@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import escalation as esc
+from . import metrics
 from .announcement import NoticePlayer, PlayOutcome
 from .ari import AriError, Channel, ChannelGone
 from .callerid import CallerId, agent_label, render, repairs
@@ -355,6 +356,7 @@ class Call:
         at = at or now_iso()
         self.deps.events.emit(event, self.call_id, at=at, **fields)
         self.record.events.append({"event": event, "at": at, **fields})
+        metrics.observe_call_event(event, fields, self.record.direction)
         return at
 
     def _set_state(self, state: CallState) -> None:
@@ -432,6 +434,7 @@ class Call:
             await self._quietly(ari.set_variable(caller, f"__{NOTICE_VAR}", "1"))
         else:
             log.error("call event=notice_failed call_id=%s", self.call_id)
+            metrics.NOTICE_FAILURES.inc()
 
         # DIALLING: bridge first, so the caller hears the agent's early media.
         self._set_state(CallState.DIALLING)
@@ -848,3 +851,4 @@ class Call:
 
     def add_escalation(self, entry: Escalation) -> None:
         self.record.escalations.append(entry)
+        metrics.observe_escalation(entry.action, entry.result)

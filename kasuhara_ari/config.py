@@ -327,6 +327,21 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus ``/metrics`` (kasuhara_ari/metrics.py). Off by default: every long-running command
+    needs a port of its own, and a PBX host should not grow a listening port nobody asked for."""
+
+    enabled: bool = False
+    #: Loopback unless ``allow_remote``: the endpoint has no authentication and shows call volumes.
+    bind: str = "127.0.0.1"
+    serve_port: int = 9464
+    agi_port: int = 9465
+    retention_port: int = 9466
+    web_port: int = 9467
+    allow_remote: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     ari: AriConfig = field(default_factory=AriConfig)
     ami: AmiConfig = field(default_factory=AmiConfig)
@@ -346,6 +361,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     care: CareConfig = field(default_factory=CareConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = field(default="", compare=False)
 
     def redacted(self) -> dict[str, dict[str, Any]]:
@@ -506,11 +522,22 @@ def _validate(cfg: Config) -> None:
     _validate_mqtt_tls(cfg.mqtt)
     _validate_web(cfg.web)
     _validate_care(cfg.care, cfg.agents)
+    _validate_metrics(cfg.metrics)
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
             "(MixMonitor's arguments and its completion command use it)"
         )
+
+
+def _validate_metrics(metrics: MetricsConfig) -> None:
+    """Ports and a bind address; whether a non-loopback bind is allowed is the command's call."""
+    for name in ("serve_port", "agi_port", "retention_port", "web_port"):
+        port = getattr(metrics, name)
+        if not 0 < port < 65536:
+            raise ConfigError(f"metrics.{name}: {port} is not a TCP port")
+    if not metrics.bind.strip():
+        raise ConfigError("metrics.bind: must not be empty (127.0.0.1 keeps /metrics on this host)")
 
 
 def _validate_callerid(callerid: CallerIdConfig) -> None:

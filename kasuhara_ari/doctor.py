@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import errno
 import os
 import ssl
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .ami import AmiClient, AmiError
 from .ari import AriClient, AriError
-from .config import Config, console_keys, web_bind_refusal
+from .config import Config, StorageConfig, console_keys, web_bind_refusal
 from .events import mqtt_tls_context
 from .safe import printable
 
@@ -24,6 +28,8 @@ class Check:
     name: str
     ok: bool
     detail: str
+    #: Works, but needs a look (shown as ``warn``; the exit code stays 0).
+    warn: bool = False
 
 
 #: Asterisk modules the app needs beyond ARI itself, and the setting that needs them.
@@ -117,16 +123,13 @@ async def check_mqtt(cfg: Config) -> Check:
     return Check("mqtt", True, f"{cfg.mqtt.host}:{cfg.mqtt.port} publish ok{tls}")
 
 
-def _check_s3_sync(cfg: Config) -> Check:
+def _doctor_client(st: StorageConfig) -> Any:
+    """A minio client for one look: short timeouts, no retries (a doctor reports, it does not insist)."""
     import urllib3
     from minio import Minio
-    from minio.error import S3Error
 
-    st = cfg.storage
-    if not st.enabled:
-        return Check("s3", True, "disabled (storage.enabled = false)")
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3, read=5), retries=urllib3.Retry(total=0))
-    client = Minio(
+    return Minio(
         st.endpoint,
         access_key=st.access_key,
         secret_key=st.secret_key,
@@ -134,6 +137,15 @@ def _check_s3_sync(cfg: Config) -> Check:
         region=st.region,
         http_client=http,
     )
+
+
+def _check_s3_sync(cfg: Config) -> Check:
+    from minio.error import S3Error
+
+    st = cfg.storage
+    if not st.enabled:
+        return Check("s3", True, "disabled (storage.enabled = false)")
+    client = _doctor_client(st)
     try:
         if not client.bucket_exists(st.bucket):
             return Check(
@@ -197,7 +209,8 @@ def check_spool(cfg: Config) -> Check:
         fine, detail = _disk_detail(where, write_error)
         ok = ok and fine
         details.append(f"{where}: {detail}")
-    return Check("spool", ok, "; ".join(details))
+    low = any("disk low" in d for d in details)
+    return Check("spool", ok, "; ".join(details), warn=ok and low)
 
 
 async def check_web(cfg: Config) -> Check:
@@ -250,12 +263,141 @@ async def check_web(cfg: Config) -> Check:
     return Check("web", True, f"{url} {state}; {len(enabled)} enabled account(s), {admins} admin")
 
 
+#: Clock skew against S3 (seconds). Warn: beyond what the Date header's one-second resolution and the
+#: round trip explain, so the clock really is off (NTP not keeping it). Fail: evidence times (events,
+#: metadata, audit records, holds) come from this clock and are set beside S3's own times and the PBX's
+#: and phones' logs; half a minute off, a call's times no longer line up (SigV4's hard 15-minute limit,
+#: RequestTimeTooSkewed, comes much later).
+CLOCK_WARN_S = 2.0
+CLOCK_FAIL_S = 30.0
+
+
+async def check_clock(cfg: Config, *, now: Callable[[], float] = time.time) -> Check:
+    """This host's clock against the ``Date`` header of a real answer from the S3 server (any answer,
+    even a refusal, carries one). ``now`` is the local clock (a test shifts it)."""
+    import httpx
+
+    st = cfg.storage
+    if not st.enabled:
+        return Check("clock", True, "storage disabled: no S3 clock to compare with")
+    url = f"{'https' if st.secure else 'http'}://{st.endpoint}/"
+    try:
+        async with httpx.AsyncClient(timeout=3) as http:
+            before = now()
+            resp = await http.head(url)
+            after = now()
+    except httpx.HTTPError as exc:
+        return Check("clock", False, f"{st.endpoint}: no answer to compare clocks ({type(exc).__name__})")
+    date = resp.headers.get("date")
+    try:
+        server = email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        server = None
+    if server is None:
+        return Check("clock", False, f"{st.endpoint}: the answer has no usable Date header")
+    # The header is truncated to the second: compare with the middle of the round trip, half a second on.
+    skew = server + 0.5 - (before + after) / 2
+    shown = f"{abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} S3 ({st.endpoint})"
+    if abs(skew) > CLOCK_FAIL_S:
+        return Check("clock", False, f"this host's clock is {shown}: fix NTP (evidence times come from it)")
+    if abs(skew) > CLOCK_WARN_S:
+        return Check("clock", True, f"this host's clock is {shown}: check NTP", warn=True)
+    return Check("clock", True, f"within {CLOCK_WARN_S:.0f} s of S3's ({abs(skew):.1f} s)")
+
+
+def _check_lock_sync(cfg: Config) -> Check:
+    """The bucket's object-lock settings as they bear on the app: enabled (holds need it), and a default
+    retention rule, which would keep every recording undeletable for its period (retention cannot purge
+    earlier than that)."""
+    from minio.error import S3Error
+
+    st = cfg.storage
+    if not st.enabled:
+        return Check("lock", True, "storage disabled")
+    client = _doctor_client(st)
+    try:
+        lock = client.get_object_lock_config(st.bucket)
+    except S3Error as exc:
+        if exc.code in ("ObjectLockConfigurationNotFoundError", "ObjectLockConfigurationNotFound"):
+            return Check(
+                "lock", True, f"bucket {st.bucket!r}: object lock NOT enabled (holds cannot work)", warn=True
+            )
+        if exc.code == "NoSuchBucket":
+            return Check("lock", False, f"bucket {st.bucket!r} does not exist (kasuhara storage init)")
+        return Check("lock", False, f"bucket {st.bucket!r}: object lock settings unreadable ({exc.code})")
+    except Exception as exc:
+        return Check("lock", False, f"{st.endpoint}: {type(exc).__name__}")
+    if lock is None:
+        return Check("lock", True, f"bucket {st.bucket!r}: object lock NOT enabled", warn=True)
+    mode, duration, unit = lock.mode, lock.duration, lock.duration_unit
+    if not mode:
+        detail = f"bucket {st.bucket!r}: object lock on, no default retention (holds are legal holds)"
+        return Check("lock", True, detail)
+    days = int(duration or 0) * (365 if str(unit).upper().startswith("YEAR") else 1)
+    detail = f"bucket {st.bucket!r}: object lock on, default retention {mode} {days} days"
+    if days > cfg.retention.days:
+        return Check(
+            "lock",
+            True,
+            f"{detail}: longer than retention.days = {cfg.retention.days}, so recordings outlive it",
+            warn=True,
+        )
+    return Check("lock", True, detail)
+
+
+async def check_metrics(cfg: Config) -> Check:
+    """``/metrics`` (``[metrics]``): off, refused (a public bind without consent), or which commands
+    answer on their ports now. A port that answers with something else is another exporter in the way."""
+    import httpx
+
+    from .metrics import bind_refusal
+
+    m = cfg.metrics
+    if not m.enabled:
+        return Check("metrics", True, "off (metrics.enabled = false)")
+    refusal = bind_refusal(m)
+    if refusal is not None:
+        return Check("metrics", False, refusal)
+    host = m.bind.strip().strip("[]")
+    host = f"[{host}]" if ":" in host else host
+    ports = {
+        "serve": m.serve_port,
+        "agi": m.agi_port,
+        "retention daemon": m.retention_port,
+        "web": m.web_port,
+    }
+    answering, foreign = [], []
+    async with httpx.AsyncClient(timeout=2) as http:
+        for command, port in ports.items():
+            try:
+                resp = await http.get(f"http://{host}:{port}/metrics")
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 200 and "kasuhara_uploads_total" in resp.text:
+                answering.append(f"{command} :{port}")
+            else:
+                foreign.append(f"{command}'s port {port} answers {resp.status_code} without kasuhara metrics")
+    if foreign:
+        return Check("metrics", False, "; ".join(foreign) + " (another exporter on it?)")
+    if not answering:
+        return Check(
+            "metrics",
+            True,
+            f"http://{host}:{m.serve_port}/metrics: nothing answering (serve not running?)",
+            warn=True,
+        )
+    return Check("metrics", True, f"http://{host}: answering: {', '.join(answering)}")
+
+
 async def run_checks(cfg: Config) -> list[Check]:
     results = await asyncio.gather(
         check_ari(cfg),
         check_ami(cfg),
         check_mqtt(cfg),
         asyncio.to_thread(_check_s3_sync, cfg),
+        asyncio.to_thread(_check_lock_sync, cfg),
+        check_clock(cfg),
         check_web(cfg),
+        check_metrics(cfg),
     )
     return [Check("config", True, cfg.source or "(environment only)"), *results, check_spool(cfg)]

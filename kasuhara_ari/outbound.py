@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from . import metrics
 from .announcement import PlayOutcome
 from .ari import AriError, Channel, ChannelGone
 from .call import NOTICE_VAR, Call, CallDeps, CallState, _iso
@@ -63,6 +64,9 @@ class OutboundCall(Call):
             self.record.notice_played = True
             self.emit("notice_played", sound=cfg.announcement.sound, language=cfg.announcement.language)
             await self._quietly(ari.set_variable(self.caller.id, f"__{NOTICE_VAR}", "1"))
+        else:
+            log.error("call event=notice_failed call_id=%s", self.call_id)
+            metrics.NOTICE_FAILURES.inc()
 
         await ari.answer(agent)
         # How `kasuhara supervise` finds the agent's leg in the bridge.

@@ -53,6 +53,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from . import metrics
 from .audit import AuditLog, AuditRecord, audit_key, new_id
 from .events import EventSink
 from .lease import Lease, pid_alive
@@ -553,6 +554,8 @@ class RetentionSweep:
 
     def _emit(self, event: str, call_id: str | None = None, /, **fields: Any) -> None:
         self.events.emit(event, call_id, **fields)
+        if event == "retention.completed":
+            metrics.observe_retention(str(fields.get("status")), fields, dry_run=self.report.dry_run)
 
     # -- the walk
 

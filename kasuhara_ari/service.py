@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
+from . import metrics
 from .ami import AmiClient, AmiError
 from .ari import AriClient
 from .callers import CallerPolicy
@@ -69,6 +71,7 @@ class Runtime:
         self.ami.connect()
         with contextlib.suppress(AmiError):
             await self.ami.wait_ready(timeout=3)
+        detach_metrics = metrics.RUNTIME.attach(self._metric_sources())
         runners = [
             asyncio.create_task(runner(), name=getattr(runner, "__qualname__", "runner"))
             for runner in self._runners
@@ -86,6 +89,15 @@ class Runtime:
                 for task in runners:
                     task.cancel()
                 await asyncio.gather(*runners, return_exceptions=True)
+                detach_metrics()
+
+    def _metric_sources(self) -> metrics.RuntimeSources:
+        """What ``/metrics`` reads at scrape time: the spool the uploader empties, the MQTT publisher."""
+        events = self.events
+        return metrics.RuntimeSources(
+            spool=Path(self.cfg.recording.host_dir) if self.uploader is not None else None,
+            mqtt_stats=(lambda: events.stats) if isinstance(events, MqttEvents) else None,
+        )
 
     async def aclose(self) -> None:
         for closer in self._closers:
@@ -181,6 +193,12 @@ class Service(Runtime):
                 else:
                     log.warning("ami event=not_connected address=%s (retrying)", self.ami.address)
             await asyncio.sleep(1.0)
+
+    def _metric_sources(self) -> metrics.RuntimeSources:
+        sources = super()._metric_sources()
+        ari = self.ari
+        sources.ari_connected = lambda: ari.events_connected
+        return sources
 
     async def run(self) -> None:
         await self._run_with((self.app.run, "stasis"), (self._watch_ami, "ami-watch"))

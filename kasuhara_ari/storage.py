@@ -39,12 +39,14 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol, TypeVar
 
+from . import metrics
 from .config import StorageConfig
 from .safe import REASON_MAX_CHARS, clean_caller_text, safe_call_id
 
@@ -578,12 +580,16 @@ class MinioStore:
 
     async def _call(self, fn: Callable[[], T], what: str) -> T:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             return await loop.run_in_executor(self._executor, fn)
         except StorageError:
             raise
         except Exception as exc:
             raise _translate(exc, what) from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.S3_REQUEST_SECONDS.labels(metrics.s3_operation(what)).observe(elapsed)
 
     # -- writes
 
@@ -848,7 +854,8 @@ class MinioStore:
         )
         try:
             blocks = response.stream(CHUNK // 4)
-            while (block := await self._call(lambda: next(blocks, None), what)) is not None:
+            # A body block is timed as ``read``: ``get`` stays the request's own latency.
+            while (block := await self._call(lambda: next(blocks, None), f"read {key}")) is not None:
                 yield bytes(block)
         finally:
             response.close()

@@ -65,6 +65,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import metrics
 from .config import Config
 from .events import EventSink, StatusDetails, now_iso
 from .node import node_name
@@ -1027,6 +1028,7 @@ class Uploader:
             track.attempts += 1
             track.fresh = False  # part of it may be stored: look before writing again
             self.stats.failures += 1
+            metrics.UPLOAD_FAILURES.inc()
             self._note_write_error(exc)
             delay = backoff_delay(track.attempts, base_s=self.backoff_base_s, cap_s=self.backoff_cap_s)
             track.not_before = time.monotonic() + delay
@@ -1386,6 +1388,9 @@ class Uploader:
         if held and complete:
             self.stats.holds_applied += 1
         self.stats.stored += 1
+        metrics.UPLOADS.inc()
+        if audio.created and audio.bytes:
+            metrics.UPLOADED_BYTES.inc(audio.bytes)
         fields: dict[str, Any] = {
             "key": audio.key or keys.metadata,
             "metadata_key": keys.metadata,

@@ -48,6 +48,8 @@ PACKAGE_DATA = (
     "kasuhara_ari/data/systemd/kasuhara-serve.service",
     "kasuhara_ari/data/sounds/ja/kasuhara/recording-notice.wav",
     "kasuhara_ari/data/sounds/en/kasuhara/recording-notice.wav",
+    "kasuhara_ari/data/prometheus/alerts.yml",
+    "kasuhara_ari/data/grafana/kasuhara.json",
 )
 
 

@@ -9,7 +9,7 @@ import signal
 import click
 
 from ..config import ConfigError
-from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config
+from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config, metrics_endpoint
 
 
 @click.command()
@@ -57,7 +57,8 @@ def agi(config_path: str | None) -> None:
             ready.cancel()
 
     try:
-        asyncio.run(main())
+        with metrics_endpoint(cfg, cfg.metrics.agi_port):
+            asyncio.run(main())
     except* OSError as group:
         first = group.exceptions[0]
         click.echo(f"kasuhara agi: failed: {first} (listening on {cfg.agi.bind}:{cfg.agi.port})", err=True)

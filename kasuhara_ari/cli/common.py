@@ -3,10 +3,11 @@ and how loud the log is."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -148,3 +149,18 @@ def is_service() -> bool:
     chain.reverse()
     below_group = chain[1:] if len(chain) > 1 else chain  # a command run on its own has no group above
     return " ".join(c.command.name or "" for c in below_group) in SERVICE_COMMANDS
+
+
+@contextlib.contextmanager
+def metrics_endpoint(cfg: Config, port: int) -> Iterator[None]:
+    """``/metrics`` while a long-running command runs (``[metrics]``); a non-loopback bind without
+    ``metrics.allow_remote`` is a configuration error (exit 2) before anything starts."""
+    from ..metrics import MetricsSetupError, exposed
+
+    with contextlib.ExitStack() as stack:  # closes the server however the command ends
+        try:
+            stack.enter_context(exposed(cfg.metrics, port))
+        except MetricsSetupError as exc:
+            click.echo(f"kasuhara: configuration error: {exc}", err=True)
+            raise SystemExit(EXIT_CONFIG) from None
+        yield

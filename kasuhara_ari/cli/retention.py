@@ -15,12 +15,21 @@ import click
 from ..audit import AuditLog, CommandEvents, actor
 from ..config import Config
 from ..lease import LeaseUnsupported
+from ..metrics import RUNTIME, RuntimeSources
 from ..retention import MAX_BATCH, LeaseLost, RetentionSweep, SweepReport, next_run, parse_daily_at
 from ..safe import json_for_terminal, printable
 from ..storage import MinioStore, StorageError
 from ..systemd import Notifier
 from .admin import finish, open_store, run_async, show_time, timezone_of
-from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_REFUSED, config_option, load_config
+from .common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    config_option,
+    load_config,
+    metrics_endpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +239,7 @@ def daemon(config_path: str | None, run_now: bool, batch_size: int) -> None:
             ev_loop.add_signal_handler(sig, task.cancel)
         due = datetime.now(UTC) if run_now else next_run(datetime.now(UTC), at, tz)
         notifier = Notifier()
+        detach_metrics = RUNTIME.attach(RuntimeSources(retention=True))
         notifier.ready(f"next sweep at {due.isoformat(timespec='seconds')}")
         watchdog = asyncio.create_task(notifier.watchdog())
         try:
@@ -261,8 +271,12 @@ def daemon(config_path: str | None, run_now: bool, batch_size: int) -> None:
             notifier.stopping()
             watchdog.cancel()
             store.close()
+            detach_metrics()
 
-    with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+    with (
+        metrics_endpoint(cfg, cfg.metrics.retention_port),
+        contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt),
+    ):
         asyncio.run(loop())
     click.echo("retention daemon stopped", err=True)
     raise SystemExit(EXIT_OK)

@@ -11,7 +11,7 @@ import click
 from ..doctor import check_spool
 from ..service import Service
 from ..systemd import Notifier, announce_ready
-from .common import config_option, load_config
+from .common import config_option, load_config, metrics_endpoint
 
 
 @click.command()
@@ -62,4 +62,5 @@ def serve(config_path: str | None) -> None:
         finally:
             ready.cancel()
 
-    asyncio.run(main())
+    with metrics_endpoint(cfg, cfg.metrics.serve_port):
+        asyncio.run(main())

@@ -8,7 +8,7 @@ import socket
 import click
 
 from ..config import console_keys, web_bind_refusal
-from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config
+from .common import EXIT_CONFIG, EXIT_FAILED, config_option, load_config, metrics_endpoint
 
 
 def port_free(bind: str, port: int) -> bool:
@@ -99,11 +99,12 @@ def web(config_path: str | None) -> None:
             notifier.stopping()
             ready.cancel()
 
-    try:
-        asyncio.run(main())
-    except SystemExit as exc:
-        # uvicorn exits 3 when it cannot listen; 3 means "refused" here, so it becomes 1 (failed).
-        if exc.code in (None, 0):
-            raise
-        click.echo(f"kasuhara web: failed: cannot listen on {cfg.web.bind}:{cfg.web.port}", err=True)
-        raise SystemExit(EXIT_FAILED) from None
+    with metrics_endpoint(cfg, cfg.metrics.web_port):
+        try:
+            asyncio.run(main())
+        except SystemExit as exc:
+            # uvicorn exits 3 when it cannot listen; 3 means "refused" here, so it becomes 1 (failed).
+            if exc.code in (None, 0):
+                raise
+            click.echo(f"kasuhara web: failed: cannot listen on {cfg.web.bind}:{cfg.web.port}", err=True)
+            raise SystemExit(EXIT_FAILED) from None
