@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
+import http
 import itertools
 import json
 import logging
@@ -40,7 +42,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.connection import Connection
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from . import metrics
 
@@ -138,11 +144,14 @@ class AriClient:
         rest_lanes: int = 3,
         websocket_window: int = 16,
         event_types: Collection[str] | None = None,
+        listen: tuple[str, int] | None = None,
     ) -> None:
         """``rest_over_websocket``: send REST requests over websockets where Asterisk answers there: the
         event websocket and ``rest_lanes`` more, each request to the one with the fewest waiting; with
         ``websocket_window`` waiting on every one, over HTTP. ``event_types``: only these events are sent
-        by Asterisk (None: all of them)."""
+        by Asterisk (None: all of them). ``listen`` (host, port): Asterisk connects to us instead
+        (``ari.mode = listen``, Asterisk's outbound websocket): events and every REST request go over that
+        one connection, and nothing over HTTP (``url`` is not used)."""
         self._base = url.rstrip("/") + "/ari"
         self._username = username
         self._password = password
@@ -155,16 +164,19 @@ class AriClient:
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
-        self._ws: ClientConnection | None = None
+        self._ws: Connection | None = None
         self.reconnects = 0
-        self.rest_over_websocket = rest_over_websocket
-        self.rest_lanes = rest_lanes if rest_over_websocket else 0
+        self.listen = listen
+        #: Set once the listening socket is bound (``listen`` mode): what readiness waits for there.
+        self.serving = asyncio.Event()
+        self.rest_over_websocket = rest_over_websocket or listen is not None
+        self.rest_lanes = rest_lanes if rest_over_websocket and listen is None else 0
         self.websocket_window = websocket_window
         self.event_types = frozenset(event_types) if event_types is not None else None
         #: Websockets on which Asterisk answered the probe: REST goes there (none: HTTP).
-        self._ready: list[ClientConnection] = []
+        self._ready: list[Connection] = []
         #: Per websocket, the requests waiting for their answer on it.
-        self._waiting: dict[ClientConnection, dict[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._waiting: dict[Connection, dict[str, asyncio.Future[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
         #: REST requests sent over the websocket / over HTTP (for tests and the load benchmark).
         self.ws_requests = 0
@@ -200,20 +212,22 @@ class AriClient:
         try:
             if ws is not None:
                 status, text = await self._ws_request(ws, method, path, query, body, wait)
+            elif self.listen is not None:
+                raise AriUnavailable(f"ARI {method} {path}: no Asterisk connected to us (ari.mode = listen)")
             else:
                 status, text = await self._http_request(method, path, query, body, wait)
         finally:
             metrics.ARI_REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
         return _check(method, path, status, text)
 
-    def _lane(self) -> ClientConnection | None:
+    def _lane(self) -> Connection | None:
         """The websocket with the fewest requests waiting, if it has room (else: HTTP).
 
         Asterisk answers one websocket's requests strictly in turn, in one thread: behind a slow one
         (creating a channel on a loaded box) every other waits. The load benchmark found a burst of 200
         calls ending at once queueing ~90 requests on a single websocket and new callers waiting 2.7 s
         for their answer; several lanes are answered in parallel, and each costs the app no more."""
-        best: ClientConnection | None = None
+        best: Connection | None = None
         fewest = self.websocket_window
         for ws in self._ready:
             waiting = len(self._waiting.get(ws, ()))
@@ -245,7 +259,7 @@ class AriClient:
 
     async def _ws_request(
         self,
-        ws: ClientConnection,
+        ws: Connection,
         method: str,
         path: str,
         query: dict[str, str],
@@ -455,7 +469,12 @@ class AriClient:
         The websockets (events, and the REST lanes) are read by tasks of their own, owned by this
         generator, so REST answers are delivered even while the consumer is busy awaiting one of them."""
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        readers = [asyncio.create_task(self._keep_connected(self.app, queue), name=f"ari-events-{self.app}")]
+        if self.listen is not None:
+            readers = [asyncio.create_task(self._serve_inbound(queue), name=f"ari-listen-{self.app}")]
+        else:
+            readers = [
+                asyncio.create_task(self._keep_connected(self.app, queue), name=f"ari-events-{self.app}")
+            ]
         readers += [
             asyncio.create_task(self._keep_connected(f"{self.app}-rest-{i}", None), name=f"ari-rest-{i}")
             for i in range(1, self.rest_lanes + 1)
@@ -524,7 +543,69 @@ class AriClient:
             await asyncio.sleep(backoff * (0.8 + 0.4 * random.random()))  # noqa: S311 - jitter, not crypto
             backoff = min(backoff * 2, self.reconnect_max_s)
 
-    async def _read(self, ws: ClientConnection, queue: asyncio.Queue[Event] | None) -> None:
+    async def _serve_inbound(self, queue: asyncio.Queue[Event]) -> None:
+        """``listen`` mode: Asterisk's outbound websocket (websocket_client.conf, ari.conf
+        ``type = outbound_websocket``) connects here with the ARI user's credentials. One Asterisk at a
+        time: a new connection (Asterisk reconnecting before the old one timed out) replaces the old."""
+        assert self.listen is not None
+        host, port = self.listen
+        expected = "Basic " + base64.b64encode(f"{self._username}:{self._password}".encode()).decode()
+
+        def check(connection: ServerConnection, request: Request) -> Response | None:
+            if request.path == "/healthz":  # the installed dialplan asks before Stasis() (see asterisk_setup)
+                return connection.respond(http.HTTPStatus.OK, "ok")
+            given = request.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), expected.encode()):
+                return None
+            log.warning("ari event=inbound_refused address=%s why=credentials", _peer(connection))
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+
+        async def handler(ws: ServerConnection) -> None:
+            previous = self._ws
+            self._ws = ws
+            if previous is not None:
+                log.warning("ari event=inbound_replaced address=%s", _peer(ws))
+                await previous.close(1012, "replaced by a new connection")
+            log.info("ari event=connected mode=listen address=%s reconnects=%d", _peer(ws), self.reconnects)
+            reader = asyncio.create_task(self._read(ws, queue))
+            try:
+                await self._probe(ws, self.app)
+                if ws not in self._ready:
+                    log.error("ari event=inbound_without_rest address=%s (needs Asterisk 22.5+)", _peer(ws))
+                    await ws.close(1011, "REST over this websocket is needed")
+                elif self.event_types is not None:
+                    await self._set_event_filter(self.app, self.event_types, ws=ws)
+                if ws.state is websockets.State.OPEN:
+                    queue.put_nowait({"type": CONNECTED})
+                await reader
+                log.warning("ari event=disconnected mode=listen address=%s", _peer(ws))
+            except (AriError, ConnectionClosed) as exc:
+                log.warning("ari event=inbound_failed address=%s error=%s", _peer(ws), type(exc).__name__)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                self._connection_gone(ws, self._ws is ws)
+                self.reconnects += 1
+
+        async with ws_serve(
+            handler,
+            host,
+            port,
+            subprotocols=[websockets.Subprotocol("ari")],
+            process_request=check,
+            ping_interval=10,
+            ping_timeout=10,
+            max_size=2**22,
+        ) as server:
+            self.serving.set()
+            log.info("ari event=listening address=%s:%d app=%s", host, port, self.app)
+            try:
+                await server.serve_forever()
+            finally:
+                self.serving.clear()
+
+    async def _read(self, ws: Connection, queue: asyncio.Queue[Event] | None) -> None:
         """Events into the queue, REST answers to their requests, until the connection closes."""
         waiting = self._waiting.setdefault(ws, {})
         with contextlib.suppress(ConnectionClosed):
@@ -543,7 +624,7 @@ class AriClient:
                 elif queue is not None:
                     queue.put_nowait(event)
 
-    async def _probe(self, ws: ClientConnection, app: str) -> None:
+    async def _probe(self, ws: Connection, app: str) -> None:
         """Send REST to this websocket too if Asterisk answers a request on it (older versions do not)."""
         try:
             status, _ = await self._ws_request(ws, "GET", "/asterisk/ping", {}, None, PROBE_TIMEOUT_S)
@@ -554,17 +635,22 @@ class AriClient:
             self._ready.append(ws)
             log.info("ari event=rest_over_websocket app=%s websockets=%d", app, len(self._ready))
 
-    async def _set_event_filter(self, app: str, types: frozenset[str]) -> None:
-        """Only these events (and REST answers) for ``app`` (over HTTP: its websocket is not read yet).
-        Asterisk forgets an app's filter when its websocket closes, so this follows every connection."""
+    async def _set_event_filter(
+        self, app: str, types: frozenset[str], *, ws: Connection | None = None
+    ) -> None:
+        """Only these events (and REST answers) for ``app`` (over HTTP: its websocket is not read yet;
+        in ``listen`` mode over that websocket, which is being read). Asterisk forgets an app's filter
+        when its websocket closes, so this follows every connection."""
         allowed = sorted(types | {REST_RESPONSE})
         path = f"/applications/{app}/eventFilter"
-        status, text = await self._http_request(
-            "PUT", path, {}, {"allowed": [{"type": t} for t in allowed]}, self.timeout
-        )
+        body = {"allowed": [{"type": t} for t in allowed]}
+        if ws is not None:
+            status, text = await self._ws_request(ws, "PUT", path, {}, body, self.timeout)
+        else:
+            status, text = await self._http_request("PUT", path, {}, body, self.timeout)
         _check("PUT", path, status, text)
 
-    def _connection_gone(self, ws: ClientConnection | None, events: bool) -> None:
+    def _connection_gone(self, ws: Connection | None, events: bool) -> None:
         """REST stops going there; requests still waiting for an answer on it fail now."""
         if events:
             self._ws = None
@@ -580,6 +666,11 @@ class AriClient:
         """Close the event websocket (used by tests and by a stalled-connection watchdog)."""
         if self._ws is not None:
             await self._ws.close()
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else "?"
 
 
 def _message(text: str) -> str:

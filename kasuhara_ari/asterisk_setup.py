@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import Config
+from .config import Config, ari_listen_address
 
 DROPIN = "kasuhara.d"
 MANIFEST = f"{DROPIN}/install.json"
@@ -222,7 +222,10 @@ class Installer:
 
         dropin("ari.conf", self._ari_conf())
         include_block("ari.conf", "ari.conf")
-        http = self._http_conf()
+        if self.cfg.ari.mode == "listen":  # Asterisk connects to the app: no HTTP server needed for ARI
+            dropin("websocket_client.conf", self._websocket_client_conf(), secret=True)
+            include_block("websocket_client.conf", "websocket_client.conf")
+        http = self._http_conf() if self.cfg.ari.mode == "connect" else None
         if http is not None:
             dropin("http.conf", http)
             include_block("http.conf", "http.conf")
@@ -278,10 +281,38 @@ class Installer:
             if _is_yes(have.get("general", {}).get("enabled"))
             else (f"{_header('general', have)}\nenabled = yes\n\n")
         )
+        outbound = ""
+        if self.cfg.ari.mode == "listen":
+            app = _check_name("ari.app", self.cfg.ari.app)
+            if f"{user}-outbound" in have:
+                raise SetupRefused(f"ari.conf already has a section [{user}-outbound]: remove it")
+            # Asterisk connects to `kasuhara serve` (ari.mode = listen) and serves the app there, with the
+            # rights of the ARI user above.
+            outbound = (
+                f"\n[{user}-outbound]\ntype = outbound_websocket\nwebsocket_client_id = {user}\n"
+                f"apps = {app}\nlocal_ari_user = {user}\nsubscribe_all = no\n"
+            )
         return _dropin_text(
             "the ARI user of `kasuhara serve`",
             f"{general}[{user}]\ntype = user\nread_only = no\n"
-            f"password = {password}\npassword_format = plain\n",
+            f"password = {password}\npassword_format = plain\n{outbound}",
+        )
+
+    def _websocket_client_conf(self) -> bytes:
+        """``ari.mode = listen``: the connection Asterisk keeps open to ``kasuhara serve`` (persistent,
+        reconnecting), with the ARI user's credentials, which ``serve`` checks."""
+        ari = self.cfg.ari
+        user = _check_name("ari.username", ari.username)
+        password = _check_secret("ari.password", ari.password)
+        host, port = ari_listen_address(ari)
+        if user in self._existing("websocket_client.conf"):
+            raise SetupRefused(f"websocket_client.conf already has a section [{user}]: remove it")
+        where = f"[{host}]" if ":" in host else host
+        return _dropin_text(
+            "the connection Asterisk keeps to `kasuhara serve` (ari.mode = listen)",
+            f"[{user}]\ntype = websocket_client\nuri = ws://{where}:{port}/ari\nprotocols = ari\n"
+            f"username = {user}\npassword = {password}\nconnection_type = persistent\n"
+            "connection_timeout = 1000\nreconnect_interval = 1000\ntls_enabled = no\n",
         )
 
     def _http_conf(self) -> bytes | None:
@@ -341,6 +372,17 @@ class Installer:
         target = self.cfg.routing.default_target
         if not re.fullmatch(r"[A-Za-z0-9_/@:.+-]{1,200}", target):
             raise SetupError(f"routing.default_target {target!r} cannot go into the dialplan as it is")
+        # ari.mode = listen: Asterisk's persistent outbound websocket keeps the app registered while
+        # `serve` is away, and Stasis() then queues the call instead of failing (verified on 22.10): ask the
+        # app whether it is alive first (func_curl, 1 s), so the fallback still takes the call.
+        alive = ""
+        if self.cfg.ari.mode == "listen":
+            host, port = ari_listen_address(self.cfg.ari)
+            where = f"[{host}]" if ":" in host else host
+            alive = (
+                " same => n,Set(CURLOPT(conntimeout)=1)\n same => n,Set(CURLOPT(httptimeout)=2)\n"
+                f' same => n,GotoIf($["${{CURL(http://{where}:{port}/healthz)}}" != "ok"]?fallback,1)\n'
+            )
         body = f"""
 ; Inbound: from your own context, Set(KASUHARA_TARGET=PJSIP/agents) (optional: routing.default_target)
 ; and Goto(kasuhara-inbound,${{EXTEN}},1). Outbound: Set(KASUHARA_TARGET=PJSIP/${{EXTEN}}@trunk) and
@@ -356,7 +398,8 @@ exten => _[+0-9A-Za-z*#].,1,Set(KASUHARA_AGENT=${{CUT(KASUHARA_TARGET,@,1)}})
  same => n,GotoIf($[${{LEN(${{KASUHARA_COOLDOWN_TARGET}})}} = 0 \
 | ${{DEVICE_STATE(Custom:kasuhara-care-${{KASUHARA_AGENT}})}} != BUSY]?app)
  same => n,Set(KASUHARA_TARGET=${{KASUHARA_COOLDOWN_TARGET}})
- same => n(app),Stasis({app},inbound,${{KASUHARA_TARGET}})
+ same => n(app),NoOp(kasuhara-ari)
+{alive} same => n,Stasis({app},inbound,${{KASUHARA_TARGET}})
  same => n,GotoIf($["${{STASISSTATUS}}" = "FAILED"]?fallback,1)
  same => n,Hangup()
 exten => fallback,1,Answer()
@@ -370,7 +413,8 @@ exten => fallback,1,Answer()
  same => n,Hangup()
 
 [kasuhara-outbound]
-exten => _[+0-9A-Za-z*#].,1,Stasis({app},outbound,${{KASUHARA_TARGET}})
+exten => _[+0-9A-Za-z*#].,1,NoOp(kasuhara-ari)
+{alive} same => n,Stasis({app},outbound,${{KASUHARA_TARGET}})
  same => n,GotoIf($["${{STASISSTATUS}}" = "FAILED"]?fallback,1)
  same => n,Hangup()
 exten => fallback,1,MixMonitor({spool}/${{CHANNEL(linkedid)}}.wav)

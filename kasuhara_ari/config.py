@@ -49,6 +49,12 @@ class AriConfig:
     rest_over_websocket: bool = True
     #: Websockets for REST besides the event one (Asterisk answers each websocket's requests in turn).
     rest_lanes: int = 3
+    #: ``connect``: the app connects to Asterisk's ARI at ``url``. ``listen``: Asterisk connects to the app
+    #: (its outbound websocket, Asterisk 20.15/21.10/22.5+) at ``listen``, with ``username``/``password``.
+    mode: str = "connect"
+    listen: str = "127.0.0.1:8765"
+    #: Listen on a non-loopback address although the websocket is plain (credentials in clear text).
+    listen_allow_remote: bool = False
 
 
 @dataclass(frozen=True)
@@ -448,6 +454,16 @@ def _convert(key: str, value: Any, hint: Any, *, from_env: bool) -> Any:
 
 def _validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
+    if cfg.ari.mode not in ("connect", "listen"):
+        raise ConfigError(f"ari.mode: {cfg.ari.mode[:40]!r} is not connect or listen")
+    if cfg.ari.mode == "listen":
+        host, port = ari_listen_address(cfg.ari)
+        if not (is_loopback(host) or cfg.ari.listen_allow_remote):
+            raise ConfigError(
+                f"ari.listen = {cfg.ari.listen!r} is not a loopback address, and the websocket is plain "
+                "(the ARI password crosses the network in clear text): keep Asterisk and the app on one "
+                "host or a private link, and set ari.listen_allow_remote = true"
+            )
     if not 1 <= cfg.storage.orphan_after_s <= 7 * 86400:
         raise ConfigError("storage.orphan_after_s: between 1 and 604800 (a week)")
     if cfg.routing.on_stop not in ("handover", "hangup"):
@@ -566,6 +582,15 @@ def _validate_mqtt_tls(mqtt: MqttConfig) -> None:
     for name, value in files.items():
         if value and not Path(value).is_file():
             raise ConfigError(f"mqtt.{name}: {value!r} is not a readable file")
+
+
+def ari_listen_address(ari: AriConfig) -> tuple[str, int]:
+    """``ari.listen`` as (host, port); ConfigError when it is not ``HOST:PORT``."""
+    host, sep, port = ari.listen.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"ari.listen: {ari.listen[:60]!r} is not HOST:PORT (e.g. 127.0.0.1:8765)")
+    return host, int(port)
 
 
 def is_loopback(bind: str) -> bool:

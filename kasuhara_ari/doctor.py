@@ -18,7 +18,7 @@ from typing import Any
 
 from .ami import AmiClient, AmiError
 from .ari import AriClient, AriError
-from .config import Config, StorageConfig, console_keys, web_bind_refusal
+from .config import Config, StorageConfig, ari_listen_address, console_keys, web_bind_refusal
 from .events import mqtt_tls_context
 from .safe import printable
 
@@ -32,6 +32,26 @@ class Check:
     warn: bool = False
 
 
+async def _check_ari_listen(cfg: Config) -> Check:
+    """``ari.mode = listen``: Asterisk connects to ``serve``, so only ``serve`` can speak ARI; what the
+    doctor can tell is whether something listens there (``serve`` running) or the port is free for it."""
+    host, port = ari_listen_address(cfg.ari)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 3)
+    except (OSError, TimeoutError):
+        return Check(
+            "ari",
+            True,
+            f"listen mode: nothing listens on {host}:{port} yet (kasuhara serve listens there, and "
+            "Asterisk's outbound websocket connects to it)",
+            warn=True,
+        )
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return Check("ari", True, f"listen mode: {host}:{port} listens (Asterisk's outbound websocket connects)")
+
+
 #: Asterisk modules the app needs beyond ARI itself, and the setting that needs them.
 NEEDED_MODULES = {
     "app_mixmonitor.so": None,
@@ -41,6 +61,8 @@ NEEDED_MODULES = {
 
 
 async def check_ari(cfg: Config) -> Check:
+    if cfg.ari.mode == "listen":
+        return await _check_ari_listen(cfg)
     async with AriClient(cfg.ari.url, cfg.ari.username, cfg.ari.password, cfg.ari.app, timeout=3) as ari:
         try:
             info = await ari.info()

@@ -14,7 +14,7 @@ from .ami import AmiClient, AmiError
 from .ari import AriClient
 from .callers import CallerPolicy
 from .care.cooldown import CooldownKeeper
-from .config import Config
+from .config import Config, ari_listen_address
 from .events import EventSink, MqttEvents, NullEvents
 from .node import node_name
 from .recording import CompletionWatcher, Recorder
@@ -138,6 +138,7 @@ class Service(Runtime):
             rest_over_websocket=cfg.ari.rest_over_websocket,
             rest_lanes=cfg.ari.rest_lanes,
             event_types=STASIS_EVENTS,
+            listen=ari_listen_address(cfg.ari) if cfg.ari.mode == "listen" else None,
         )
         ami = AmiClient(
             cfg.ami.host,

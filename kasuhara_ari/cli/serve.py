@@ -47,6 +47,9 @@ def serve(config_path: str | None) -> None:
             loop.add_signal_handler(sig, stop)
 
         async def ari() -> bool:
+            # listen mode: serving is being ready; Asterisk connects when it (re)starts, not on our cue.
+            if service.ari.listen is not None:
+                return service.ari.serving.is_set()
             return service.app.connected.is_set()
 
         async def ami() -> bool:
