@@ -825,12 +825,13 @@ class AgiCallFlow:
                 # are restricted to shell- and argument-safe characters).
                 command = self.recorder.completion_command(paths)
                 await session.command(
-                    f'EXEC MixMonitor "{paths.asterisk_audio},i({MIXMONITOR_ID_VAR})'
+                    f'EXEC MixMonitor "{paths.asterisk_audio},{self.recorder.options}'
                     + (f',{command}"' if command else '"')
                 )
                 started = await self._mixmonitor_running(session)
         if started:
             call.record.recording_started = True
+            call.record.channels = self.recorder.channels
             self.watch.emit(call, "recording_started", via=via)
             log.info("agi event=recording_started call_id=%s via=%s", call.call_id, via)
         else:

@@ -81,6 +81,12 @@ ACTIONS = (
     "care_report",
     "care_note",
     "care_resume",
+    # the training library (kasuhara training): target = the clip id; the source call id only in
+    # training_add's record (the audit log is admin-readable, like training-sources/)
+    "training_add",
+    "training_list",
+    "training_play",
+    "training_export",
 )
 _KEY_RE = re.compile(
     r"audit/(?P<y>[0-9]{4})/(?P<m>[0-9]{2})/(?P<d>[0-9]{2})/"

@@ -499,6 +499,7 @@ class Call:
             self.emit("recording_failed", error=str(exc)[:200])
             return
         self.record.recording_started = True
+        self.record.channels = self.deps.recorder.channels
         self.emit("recording_started")
 
     async def _dial_agent(self) -> bool:

@@ -118,6 +118,9 @@ class RoutingConfig:
 
 #: How the app learns that MixMonitor closed a file (``recording.completion``).
 COMPLETION_MODES = ("watch", "command")
+#: What a recording holds (``recording.mode``): "mixed" (one mono channel, both sides summed) or "stereo"
+#: (MixMonitor's ``D``: channel 1 = what the caller says, channel 2 = what the caller hears).
+RECORDING_MODES = ("mixed", "stereo")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ class RecordingConfig:
     #: How a closed recording is noticed: "watch" (inotify + WAV header; no fork in Asterisk) or
     #: "command" (MixMonitor runs ``touch <id>.done``: Asterisk forks a shell per call).
     completion: str = "watch"
+    #: "mixed" (default) or "stereo": the caller and what the caller hears on separate channels (training
+    #: clips' voice anonymisation and after-call analysis need it).
+    mode: str = "mixed"
 
     @property
     def host_dir(self) -> Path:
@@ -264,6 +270,14 @@ class GeneralConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """The training library (``kasuhara training``)."""
+
+    #: How far ``--anonymise`` shifts the caller's voice, in cents (-400: four semitones down).
+    pitch_cents: int = -400
+
+
+@dataclass(frozen=True)
 class WebConfig:
     """``kasuhara web``, the browser console (see kasuhara_ari/web)."""
 
@@ -368,6 +382,7 @@ class Config:
     care: CareConfig = field(default_factory=CareConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     source: str = field(default="", compare=False)
 
     def redacted(self) -> dict[str, dict[str, Any]]:
@@ -533,12 +548,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"recording.completion: must be 'watch' or 'command', got {cfg.recording.completion!r}"
         )
+    if cfg.recording.mode not in RECORDING_MODES:
+        raise ConfigError(f"recording.mode: must be 'mixed' or 'stereo', got {cfg.recording.mode!r}")
     _validate_agi(cfg.agi)
     _validate_callerid(cfg.callerid)
     _validate_mqtt_tls(cfg.mqtt)
     _validate_web(cfg.web)
     _validate_care(cfg.care, cfg.agents)
     _validate_metrics(cfg.metrics)
+    if not 100 <= abs(cfg.training.pitch_cents) <= 1200:
+        raise ConfigError(
+            "training.pitch_cents: must be between 100 and 1200 cents up or down, "
+            f"got {cfg.training.pitch_cents}"
+        )
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "

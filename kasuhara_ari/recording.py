@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import COMPLETION_MODES
+from .config import COMPLETION_MODES, RECORDING_MODES
 from .inotify import IN_Q_OVERFLOW, DirectoryWatch, InotifyUnavailable
 from .safe import is_safe_call_id, safe_call_id
 
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 SCHEMA = "kasuhara.recording/1"
 #: Channel variable into which MixMonitor stores its id (``i()`` option): proof that it started.
 MIXMONITOR_ID_VAR = "KASUHARA_MIXMON_ID"
+
+
+#: What each channel of a stereo recording holds (metadata ``audio.layout``).
+STEREO_LAYOUT = ("caller", "agent")
 
 
 class RecordingError(Exception):
@@ -84,10 +88,19 @@ class Recorder:
     """Starts and stops MixMonitor for one call through AMI."""
 
     def __init__(
-        self, ami: MixMonitorControl, asterisk_dir: str, host_dir: Path, *, completion: str = "watch"
+        self,
+        ami: MixMonitorControl,
+        asterisk_dir: str,
+        host_dir: Path,
+        *,
+        completion: str = "watch",
+        mode: str = "mixed",
     ) -> None:
         if completion not in COMPLETION_MODES:
             raise ValueError(f"completion must be one of {COMPLETION_MODES}, not {completion!r}")
+        if mode not in RECORDING_MODES:
+            raise ValueError(f"mode must be one of {RECORDING_MODES}, not {mode!r}")
+        self.mode = mode
         self._ami = ami
         self.asterisk_dir = asterisk_dir.rstrip("/")
         self.host_dir = host_dir
@@ -101,13 +114,24 @@ class Recorder:
         # Both the directory and the id are checked for shell-safe characters (config + safe_call_id).
         return f"touch {paths.asterisk_marker}" if self.completion == "command" else ""
 
+    @property
+    def options(self) -> str:
+        """MixMonitor's options: its id into a variable (proof it started), and ``D`` in stereo mode —
+        Asterisk 22 then writes a 2-channel WAV whose first channel is what the recorded channel (the
+        caller's) sends and the second what it receives (measured: tests/test_stereo_sip.py)."""
+        return f"i({MIXMONITOR_ID_VAR})" + ("D" if self.mode == "stereo" else "")
+
+    @property
+    def channels(self) -> int:
+        return 2 if self.mode == "stereo" else 1
+
     async def start(self, channel_name: str, call_id: str) -> SpoolPaths:
-        """Start recording ``channel_name`` (both directions mixed) into the spool."""
+        """Start recording ``channel_name`` (both directions mixed, or as two channels) into the spool."""
         paths = self.paths(call_id)
         await self._ami.mixmonitor(
             channel_name,
             paths.asterisk_audio,
-            options=f"i({MIXMONITOR_ID_VAR})",
+            options=self.options,
             command=self.completion_command(paths),
         )
         log.debug("recording event=started call_id=%s file=%s", call_id, paths.asterisk_audio)
@@ -117,6 +141,39 @@ class Recorder:
         """Stop recording while the channel still exists, so the file closes now rather than later."""
         await self._ami.stop_mixmonitor(channel_name)
         log.debug("recording event=stopped call_id=%s", call_id)
+
+
+def fix_stereo_header(path: Path) -> bool:
+    """Make a closed stereo recording's header say what its data is; True if it was changed.
+
+    MixMonitor's ``D`` writes interleaved 2-channel samples into a ``.wav`` whose header still says one
+    channel at 8 kHz (Asterisk 22.10.1, measured): played as is, the call would last twice as long with
+    both sides alternating sample by sample. Only the fmt chunk's channel count, byte rate and block
+    align change (12 bytes, one write); a header already saying 2 channels is left alone, so it is safe
+    to call again after a crash. Call it only on a file recorded with ``D`` and closed (``.done``).
+    """
+    with path.open("r+b") as fh:
+        head = fh.read(4096)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            raise ValueError(f"{path.name}: not a WAV file")
+        pos = 12
+        while pos + 8 <= len(head):
+            tag, size = head[pos : pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
+            if tag == b"fmt " and pos + 8 + 16 <= len(head):
+                fmt_tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", head, pos + 8)
+                if fmt_tag != 1 or bits != 16:
+                    raise ValueError(f"{path.name}: not 16-bit PCM (format {fmt_tag}, {bits} bit)")
+                if channels == 2:
+                    return False
+                if channels != 1:
+                    raise ValueError(f"{path.name}: {channels} channels, expected 1 or 2")
+                fh.seek(pos + 8 + 2)
+                fh.write(struct.pack("<HIIH", 2, rate, rate * 4, 4))
+                fh.flush()
+                os.fsync(fh.fileno())
+                return True
+            pos += 8 + size + (size & 1)
+    raise ValueError(f"{path.name}: no fmt chunk")
 
 
 @dataclass
@@ -166,6 +223,8 @@ class CallRecord:
     events: list[dict[str, Any]] = field(default_factory=list)
     #: Seconds each party talked (TALK_DETECT), when detection is on.
     talk: dict[str, float] | None = None
+    #: 2 when recorded in stereo (``recording.mode``): channel 1 the caller's side, 2 what the caller hears.
+    channels: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -181,7 +240,12 @@ class CallRecord:
             "ended_at": self.ended_at,
             "duration_s": self.duration_s,
             "notice_played": self.notice_played,
-            "audio": {"format": "wav", "expected": self.recording_started},
+            "audio": {
+                "format": "wav",
+                "expected": self.recording_started,
+                # Only when stereo: documents of mixed recordings stay exactly as before.
+                **({"channels": self.channels, "layout": list(STEREO_LAYOUT)} if self.channels == 2 else {}),
+            },
             "recording_error": self.recording_error,
             "end_reason": self.end_reason,
             "escalations": [e.as_dict() for e in self.escalations],
@@ -214,6 +278,7 @@ class CallRecord:
             duration_s=doc.get("duration_s"),
             notice_played=bool(doc.get("notice_played")),
             recording_started=bool(audio.get("expected")),
+            channels=2 if audio.get("channels") == 2 else 1,
             recording_error=doc.get("recording_error"),
             end_reason=str(doc.get("end_reason") or ""),
             escalations=escalations,

@@ -33,7 +33,11 @@ class Runtime:
         self.cfg = cfg
         self.ami = ami
         self.recorder = Recorder(
-            ami, cfg.recording.asterisk_dir, cfg.recording.host_dir, completion=cfg.recording.completion
+            ami,
+            cfg.recording.asterisk_dir,
+            cfg.recording.host_dir,
+            completion=cfg.recording.completion,
+            mode=cfg.recording.mode,
         )
         self._runners: list[Callable[[], Coroutine[Any, Any, Any]]] = []
         self._closers: list[Callable[[], Awaitable[Any]]] = []

@@ -61,6 +61,10 @@ RETENTION_PREFIX = "retention/"
 CALLERS_PREFIX = "callers/"
 #: The console's accounts (``users/accounts.json``, kasuhara_ari.accounts): admins write, the console reads.
 USERS_PREFIX = "users/"
+#: Training clips (kasuhara_ari.training): admins write and read them; retention never walks them.
+TRAINING_PREFIX = "training/"
+#: Which call each training clip was cut from: admin only (no other role's policy reaches it).
+TRAINING_SOURCES_PREFIX = "training-sources/"
 HOLD_SCHEMA = "kasuhara.hold/1"
 #: User metadata on every object we write (sent as ``x-amz-meta-<name>``; ASCII only, never caller text).
 META_SHA256 = "sha256"
@@ -2021,6 +2025,13 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Resource": audio,
             },
             {
+                # The console (these keys) serves viewers too: the training library is the admin key's.
+                "Sid": "NeverReadTraining",
+                "Effect": "Deny",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": objects(TRAINING_PREFIX, TRAINING_SOURCES_PREFIX),
+            },
+            {
                 "Sid": "NeverDeleteOrWeakenTheLock",
                 "Effect": "Deny",
                 "Action": sorted({"s3:DeleteObject", "s3:DeleteObjectVersion", *never_lift}) + never_owner,
@@ -2079,7 +2090,20 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                 "Sid": "DeleteOnlyRecordings",
                 "Effect": "Deny",
                 "Action": ["s3:DeleteObject", "s3:DeleteObjectVersion"],
-                "Resource": objects(AUDIT_PREFIX, chains, HOLDS_PREFIX, CALLERS_PREFIX),
+                "Resource": objects(
+                    AUDIT_PREFIX,
+                    chains,
+                    HOLDS_PREFIX,
+                    CALLERS_PREFIX,
+                    TRAINING_PREFIX,
+                    TRAINING_SOURCES_PREFIX,
+                ),
+            },
+            {
+                "Sid": "NeverReadTraining",
+                "Effect": "Deny",
+                "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                "Resource": objects(TRAINING_PREFIX, TRAINING_SOURCES_PREFIX),
             },
             {
                 "Sid": "NeverLiftHoldsOrLocks",
@@ -2116,6 +2140,8 @@ def policy_documents(bucket: str) -> dict[str, dict[str, Any]]:
                     CALLERS_PREFIX,
                     RETENTION_PREFIX,
                     USERS_PREFIX,
+                    TRAINING_PREFIX,
+                    TRAINING_SOURCES_PREFIX,
                 ),
             },
             {

@@ -69,6 +69,7 @@ from . import metrics
 from .config import Config
 from .events import EventSink, StatusDetails, now_iso
 from .node import node_name
+from .recording import fix_stereo_header
 from .safe import (
     UntrustedJsonError,
     clean_caller_name,
@@ -1337,6 +1338,18 @@ class Uploader:
             record=True,
         )
 
+    def _fix_stereo(self, call_id: str) -> None:
+        """Blocking: a stereo recording's header says 2 channels before it is hashed (MixMonitor's ``D``
+        writes it as one; :func:`~kasuhara_ari.recording.fix_stereo_header`)."""
+        wav = self.spool.files(call_id).wav
+        try:
+            if fix_stereo_header(wav):
+                log.info("upload event=stereo_header_fixed call_id=%s", call_id)
+        except FileNotFoundError:
+            pass  # no audio: the metadata goes up alone, as before
+        except ValueError as exc:  # evidence is never held back for its header: stored as it is
+            log.warning("upload event=stereo_header_unfixable call_id=%s error=%s", call_id, exc)
+
     def _read_local(self, call_id: str) -> tuple[dict[str, Any], HoldRecord | None]:
         """Blocking: the call's metadata and hold marker (one trip to a thread for both); a hold the disk
         refused is taken from memory."""
@@ -1348,6 +1361,9 @@ class Uploader:
             metadata, marker = await asyncio.to_thread(self._read_local, call_id)
         except FileNotFoundError:
             return  # gone meanwhile (removed by hand?): the next scan decides again
+        audio_meta = metadata.get("audio")
+        if isinstance(audio_meta, Mapping) and audio_meta.get("channels") == 2:
+            await asyncio.to_thread(self._fix_stereo, call_id)
         keys = recording_keys(call_id, metadata["started_at"])
         hold = marker
         given = metadata.get("hold")

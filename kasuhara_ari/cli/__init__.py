@@ -46,6 +46,7 @@ for _module, _attr in (
     ("web", "web"),
     ("asterisk", "asterisk"),
     ("care", "care"),
+    ("training", "training"),
 ):
     try:
         _mod = importlib.import_module(f"{__name__}.{_module}")

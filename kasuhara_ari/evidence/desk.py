@@ -87,6 +87,11 @@ PERMITS: Mapping[str, frozenset[Role]] = {
     "care_report": frozenset({"supervisor", "admin"}),
     "care_note": frozenset({"supervisor", "admin"}),
     "care_resume": frozenset({"supervisor", "admin"}),
+    # the training library (kasuhara_ari/training): trainers are supervisors and admins; viewers never
+    "training_add": frozenset({"supervisor", "admin"}),
+    "training_list": frozenset({"supervisor", "admin"}),
+    "training_play": frozenset({"supervisor", "admin"}),
+    "training_export": frozenset({"supervisor", "admin"}),
 }
 
 

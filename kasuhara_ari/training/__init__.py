@@ -1,0 +1,1 @@
+"""The training library: clips cut out of held or flagged recordings, without the caller's identity."""
