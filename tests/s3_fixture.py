@@ -241,3 +241,13 @@ class CuttableProxy:
 
     def close(self) -> None:
         self.cut()
+
+
+def fetch(store: MinioStore, key: str) -> bytes:
+    """The latest version of one object, whole (small test objects only)."""
+    resp = store.client.get_object(store.bucket, key)
+    try:
+        return bytes(resp.read())
+    finally:
+        resp.close()
+        resp.release_conn()

@@ -33,7 +33,7 @@ from kasuhara_ari.schemas import validate_recording
 
 from audio import contains_at_start, duration_s, header_is_final
 from conftest import stop_service_task
-from s3_fixture import S3Target, fresh_bucket, open_store
+from s3_fixture import S3Target, fetch, fresh_bucket, open_store
 from sip import Phone, agent_port, answering, caller
 
 pytestmark = [
@@ -174,15 +174,6 @@ async def run_phones(*phones: Phone, timeout: float = 60) -> None:
     finally:
         for phone in phones:
             await phone.stop()
-
-
-def fetch(store: Any, key: str) -> bytes:
-    resp = store.client.get_object(store.bucket, key)
-    try:
-        return bytes(resp.read())
-    finally:
-        resp.close()
-        resp.release_conn()
 
 
 async def test_fastagi_call_is_announced_recorded_and_uploaded(

@@ -25,11 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 from asterisk_node import STOCK, AsteriskNode
-from test_agi_sip import fetch
 from test_flag_e2e_sip import _objects_of
 
 from conftest import REPO, closed_port, skip_or_fail
-from s3_fixture import fresh_bucket, open_store
+from s3_fixture import fetch, fresh_bucket, open_store
 from sip import agent_port, answering, caller, free_udp_port
 
 pytestmark = pytest.mark.integration

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agi_sip import fetch
 from test_flag_e2e_sip import _logged, _objects_of, _start_serve, _stop, serve_env
 
 from kasuhara_ari.config import Config
 
 from escalation_helpers import agent_pressing
-from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
+from s3_fixture import create_bucket, destroy_bucket, fetch, open_store, require_s3, unique_bucket
 from sip import agent_port, answering, caller
 from test_events import Collector
 

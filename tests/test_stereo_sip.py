@@ -22,7 +22,7 @@ from kasuhara_ari.storage import MinioStore
 
 from audio import tone_levels
 from escalation_helpers import ABSENT, AGENT_HZ, CALLER_HZ, PRESENT
-from s3_fixture import fresh_bucket, open_store
+from s3_fixture import fetch, fresh_bucket, open_store
 from sip import agent_port, answering, caller
 from test_inbound_sip import wait_for_calls
 
@@ -47,19 +47,10 @@ def stored(store: MinioStore, call_id: str) -> tuple[dict[str, Any], bytes] | No
     meta_key = next((k for k in names if k.endswith(f"/{call_id}.json")), None)
     if meta_key is None:
         return None
-    meta = json.loads(_read(store, meta_key))
+    meta = json.loads(fetch(store, meta_key))
     if not meta["audio"].get("key"):
         return None
-    return meta, _read(store, meta["audio"]["key"])
-
-
-def _read(store: MinioStore, key: str) -> bytes:
-    resp = store.client.get_object(store.bucket, key)
-    try:
-        return bytes(resp.read())
-    finally:
-        resp.close()
-        resp.release_conn()
+    return meta, fetch(store, meta["audio"]["key"])
 
 
 async def record_and_store(

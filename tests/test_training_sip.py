@@ -35,7 +35,7 @@ from kasuhara_ari.storage import MinioStore
 from audio import tone_amplitude
 from conftest import REPO
 from recordings_seed import cli_env, run_cli
-from s3_fixture import create_bucket, destroy_bucket, open_store, require_s3, unique_bucket
+from s3_fixture import create_bucket, destroy_bucket, fetch, open_store, require_s3, unique_bucket
 from sip import agent_port, answering, caller
 
 pytestmark = pytest.mark.integration
@@ -170,12 +170,12 @@ async def test_a_clip_from_a_real_flagged_call(
         unknown = run_cli(cli, "training", "add", "1.1", "--from", "0", "--to", "1", "--title", "x")
         assert unknown.returncode == 1, unknown.stderr
 
-        clip_meta = json.loads(_get(store, f"training/{clip_id}.json"))
+        clip_meta = json.loads(fetch(store, f"training/{clip_id}.json"))
         raw_meta = json.dumps(clip_meta, ensure_ascii=False)
         for secret in (CALLER_NUMBER, CALLER_NAME, call_id):
             assert secret not in raw_meta, secret
         assert clip_meta["duration_s"] == pytest.approx(3.5, abs=0.1)
-        link = json.loads(_get(store, f"training-sources/{clip_id}.json"))
+        link = json.loads(fetch(store, f"training-sources/{clip_id}.json"))
         assert link["call_id"] == call_id
 
         # Retention (1 day, run a year from now): the held source stays, and the clips are never looked at.
@@ -221,12 +221,3 @@ async def test_a_clip_from_a_real_flagged_call(
         store.close()
         destroy_bucket(target, bucket)
         shutil.rmtree(spool, ignore_errors=True)
-
-
-def _get(store: MinioStore, key: str) -> bytes:
-    resp = store.client.get_object(store.bucket, key)
-    try:
-        return bytes(resp.read())
-    finally:
-        resp.close()
-        resp.release_conn()
