@@ -390,6 +390,9 @@ class MqttEvents:
         self._client_id = client_id or f"kasuhara-{os.getpid()}-{secrets.token_hex(4)}"
         self._version = version or _version()
         self.status_topic = f"{self._prefix}/status"
+        #: Several nodes share a broker: each service's status also on ``<prefix>/status/<node>``
+        #: (retained; the last will stays on ``<prefix>/status``, DESIGN.md's topic: MQTT has one will).
+        self.node_status_topic = f"{self._prefix}/status/{node}" if node else None
         #: This publisher's id in the status and the live snapshots (see the module docstring).
         self.boot = secrets.token_hex(8)
 
@@ -724,12 +727,8 @@ class MqttEvents:
             )
             try:
                 try:
-                    await client.publish(
-                        self.status_topic,
-                        self._status("online", "connected"),
-                        qos=1,
-                        retain=True,
-                        timeout=self._timeout(self._publish_timeout_s),
+                    await self._publish_status(
+                        client, self._status("online", "connected"), self._timeout(self._publish_timeout_s)
                     )
                     with self._lock:
                         # The broker may have lost the retained snapshots (restarted without
@@ -746,22 +745,14 @@ class MqttEvents:
                 # Cancelled from outside: a graceful DISCONNECT would swallow the last will, so say
                 # offline ourselves (briefly) before aiomqtt disconnects.
                 with contextlib.suppress(Exception):
-                    await client.publish(
-                        self.status_topic,
-                        self._status("offline", "cancelled"),
-                        qos=1,
-                        retain=True,
-                        timeout=1.0,
-                    )
+                    await self._publish_status(client, self._status("offline", "cancelled"), 1.0)
                 raise
             # Closing: either everything is flushed, or close()'s timeout ran out. Offline gets a short
             # grace period either way; if it fails the connection is broken and the will says offline.
-            await client.publish(
-                self.status_topic,
+            await self._publish_status(
+                client,
                 self._status("offline", "shutdown"),
-                qos=1,
-                retain=True,
-                timeout=max(1.0, min(self._publish_timeout_s, self._remaining())),
+                max(1.0, min(self._publish_timeout_s, self._remaining())),
             )
             log.info("mqtt.closed published=%d dropped=%d", self._published, self._dropped)
 
@@ -827,6 +818,12 @@ class MqttEvents:
                         raise _CloseDeadline from result
                     raise result
 
+    async def _publish_status(self, client: aiomqtt.Client, payload: bytes, timeout: float) -> None:
+        """The retained status, on ``<prefix>/status`` and this node's own ``<prefix>/status/<node>``."""
+        await client.publish(self.status_topic, payload, qos=1, retain=True, timeout=timeout)
+        if self.node_status_topic is not None:
+            await client.publish(self.node_status_topic, payload, qos=1, retain=True, timeout=timeout)
+
     async def _publish(self, client: aiomqtt.Client, message: _Outgoing) -> None:
         if message.sent:
             with self._lock:
@@ -834,8 +831,7 @@ class MqttEvents:
         message.sent = True
         # math.inf: aiomqtt then awaits the PUBACK directly instead of through wait_for (a task each).
         if message.status:
-            payload = self._status("online", "updated")
-            await client.publish(message.topic, payload, qos=1, retain=True, timeout=math.inf)
+            await self._publish_status(client, self._status("online", "updated"), math.inf)
         elif message.live:
             snapshot = self.live_snapshot(message.live)
             # An empty retained payload deletes the retained message: the call is over.

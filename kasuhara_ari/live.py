@@ -20,6 +20,8 @@ from typing import Any
 
 #: Calls the board remembers: a flood of made-up call ids must not grow it without bound.
 MAX_CALLS = 5000
+#: Nodes whose status the board remembers (the same reason).
+MAX_NODES = 64
 #: The largest payload looked at (the service's are a few kB).
 MAX_PAYLOAD_BYTES = 256 * 1024
 #: Text fields are cut to this many characters when folded in (the service sends at most a few dozen).
@@ -128,6 +130,8 @@ class LiveCall:
     duration_s: float | None = None
     #: The ``at`` of the last event folded in.
     updated_at: dt.datetime | None = None
+    #: The node (``general.node``) whose service carries the call ("" when its events do not say).
+    node: str = ""
 
     @property
     def live(self) -> bool:
@@ -170,6 +174,8 @@ class LiveCall:
             "started_at": _iso(self.started_at),
             "at": _iso(self.updated_at),
         }
+        if self.node:
+            doc["node"] = self.node
         if boot:
             doc["boot"] = boot
         return doc
@@ -201,6 +207,7 @@ class LiveCall:
         call.repeat_count = count if isinstance(count, int) and 0 <= count < 10**9 else 0
         call.started_at = parse_at(doc.get("started_at"))
         call.updated_at = parse_at(doc.get("at"))
+        call.node = _text(doc.get("node"))[:64]
         return call
 
 
@@ -209,8 +216,19 @@ class LiveBoard:
 
     def __init__(self, *, max_calls: int = MAX_CALLS) -> None:
         self.calls: dict[str, LiveCall] = {}
+        #: The last status any service published (one node: its status).
         self.status: dict[str, Any] | None = None
+        #: Per node, its service's last status (several nodes share a broker; "" = a status without node).
+        self.nodes: dict[str, dict[str, Any]] = {}
         self.max_calls = max_calls
+
+    def stale(self, snapshot: Mapping[str, Any]) -> bool:
+        """A retained snapshot left by an earlier run of its node's service: its ``boot`` is not that of
+        the node's last status. Unknown (no status of that node yet, no boot): not stale."""
+        node = _text(snapshot.get("node"))[:64]
+        status = self.nodes.get(node) or (self.status if not self.nodes else None)
+        boot = (status or {}).get("boot")
+        return bool(boot) and snapshot.get("boot") not in (None, boot)
 
     def _slot(self, call_id: str) -> LiveCall:
         call = self.calls.get(call_id)
@@ -242,11 +260,16 @@ class LiveBoard:
         event = payload.get("event")
         if event == "status":
             self.status = dict(payload)
+            node = _text(payload.get("node"))[:64]
+            if node in self.nodes or len(self.nodes) < MAX_NODES:
+                self.nodes[node] = self.status
             return None
         call_id = payload.get("call_id")
         if not isinstance(event, str) or "." in event or not isinstance(call_id, str) or not call_id:
             return None
         call = self._slot(call_id[:MAX_TEXT_CHARS])
+        if not call.node and isinstance(payload.get("node"), str):
+            call.node = _text(payload.get("node"))[:64]
         at = parse_at(payload.get("at"))
         if at is not None and (call.updated_at is None or at > call.updated_at):
             call.updated_at = at

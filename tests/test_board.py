@@ -329,6 +329,40 @@ def test_feed_drops_calls_nobody_confirms_after_a_resync() -> None:
     assert feed.board.calls == {}
 
 
+def test_several_nodes_share_the_board_and_one_restarting_sweeps_only_its_own_calls() -> None:
+    """Two nodes' services on one broker: `<prefix>/status` holds whichever wrote last, so each node's
+    snapshots are judged by that node's own status (`<prefix>/status/<node>`), and a node's service
+    restarting sweeps that node's calls only (before, node b's calls vanished when node a restarted)."""
+    feed, clock = feed_with_clock()
+    services = {"a": LiveBoard(), "b": LiveBoard()}
+    for node, service in services.items():
+        service.apply({**started(f"{node}-1"), "node": node})
+    feed.connected()
+    for node, boot in (("a", "a1"), ("b", "b1")):
+        doc = {**json.loads(status(boot)), "node": node}
+        feed.handle(f"{PREFIX}/status/{node}", encode(doc))
+        feed.handle(f"{PREFIX}/status", encode(doc))  # the shared topic: b's is the last one there
+    for node, boot in (("a", "a1"), ("b", "b1")):
+        feed.handle(f"{PREFIX}/live/{node}-1", snapshot_bytes(services[node], f"{node}-1", boot))
+    assert set(feed.board.calls) == {"a-1", "b-1"} and feed.board.calls["a-1"].node == "a"
+    clock.advance(RESYNC_GRACE_S + 1)
+    feed.tick()
+
+    # Node a's service restarts (new boot): a-1 is not republished (it ended meanwhile), b-1 is untouched.
+    restarted = {**json.loads(status("a2", at=60)), "node": "a"}
+    feed.handle(f"{PREFIX}/status/a", encode(restarted))
+    feed.handle(f"{PREFIX}/live/a-1", snapshot_bytes(services["a"], "a-1", "a1"))  # left by run a1: stale
+    clock.advance(RESYNC_GRACE_S + 1)
+    feed.tick()
+    assert set(feed.board.calls) == {"b-1"}
+    # A new call of node a's new run, and b's snapshots, are both believed.
+    services["a"].apply({**started("a-2"), "node": "a"})
+    feed.handle(f"{PREFIX}/live/a-2", snapshot_bytes(services["a"], "a-2", "a2"))
+    feed.handle(f"{PREFIX}/live/b-1", snapshot_bytes(services["b"], "b-1", "b1"))
+    assert set(feed.board.calls) == {"a-2", "b-1"}
+    assert set(feed.board.nodes) == {"a", "b"} and feed.board.nodes["a"]["boot"] == "a2"
+
+
 def test_a_slow_browser_is_dropped_not_buffered() -> None:
     feed, _ = feed_with_clock()
     feed.connected()

@@ -199,11 +199,12 @@ class Collector:
             await asyncio.sleep(0.02)
 
 
-async def retained_status(port: int, prefix: str) -> dict[str, Any]:
-    """What a newcomer sees on ``<prefix>/status``."""
-    async with Collector(port, f"{prefix}/status") as probe:
-        await probe.wait_for(lambda c: bool(c.messages), timeout=10)
-    _, payload, retained = probe.messages[0]
+async def retained_status(port: int, prefix: str, node: str = "") -> dict[str, Any]:
+    """What a newcomer sees on ``<prefix>/status`` (``<prefix>/status/<node>`` with ``node``)."""
+    topic = f"{prefix}/status/{node}" if node else f"{prefix}/status"
+    async with Collector(port, topic) as probe:
+        await probe.wait_for(lambda c: any(t == topic for t, _, _ in c.messages), timeout=10)
+    _, payload, retained = next(m for m in probe.messages if m[0] == topic)
     assert retained, "status must be retained"
     return payload
 
@@ -440,6 +441,26 @@ async def test_status_is_retained_online_then_offline(mosquitto: Mosquitto, pref
     offline = await retained_status(mosquitto.port, prefix)
     assert (offline["state"], offline["reason"]) == ("offline", "shutdown")
     validate_event(offline)
+
+
+@pytest.mark.integration
+async def test_each_node_also_keeps_its_own_status(mosquitto: Mosquitto, prefix: str) -> None:
+    """Several nodes on one broker: `<prefix>/status` shows whichever wrote last, `<prefix>/status/<node>`
+    each node's own (what the console judges that node's snapshots by)."""
+    first = MqttEvents(port=mosquitto.port, topic_prefix=prefix, node="pbx-a")
+    second = MqttEvents(port=mosquitto.port, topic_prefix=prefix, node="pbx-b")
+    async with first:
+        await until(lambda: first.connected)
+        async with second:
+            await until(lambda: second.connected)
+            mine = await retained_status(mosquitto.port, prefix, "pbx-a")
+            assert (mine["state"], mine["node"], mine["boot"]) == ("online", "pbx-a", first.boot)
+            shared = await retained_status(mosquitto.port, prefix)
+            assert shared["node"] == "pbx-b"  # the last one to connect
+        theirs = await retained_status(mosquitto.port, prefix, "pbx-b")
+        assert (theirs["state"], theirs["reason"]) == ("offline", "shutdown")
+        mine = await retained_status(mosquitto.port, prefix, "pbx-a")
+        assert mine["state"] == "online"
 
 
 PUBLISHER = textwrap.dedent(

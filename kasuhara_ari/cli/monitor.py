@@ -170,6 +170,7 @@ class _Output:
         self, out: TextIO, *, as_json: bool, live: bool, tz: dt.tzinfo, prefix: str = "kasuhara"
     ) -> None:
         self.live_prefix = f"{prefix}/live/"
+        self.node_status_prefix = f"{prefix}/status/"
         self.out = out
         self.as_json = as_json
         self.live = live and not as_json
@@ -199,8 +200,7 @@ class _Output:
         except ValueError:
             return
         call = LiveCall.from_snapshot(doc, call_id) if isinstance(doc, dict) else None
-        boot = (board.status or {}).get("boot")
-        if call is None or (boot and doc.get("boot") not in (None, boot)) or (known and not known.live):
+        if call is None or board.stale(doc) or (known and not known.live):
             return  # not a snapshot, one an earlier run of the service left, or of a call that ended
         board.put(call)
         if known is None and not self.live:
@@ -216,6 +216,16 @@ class _Output:
         if topic.startswith(self.live_prefix):
             if not self.as_json:
                 self.snapshot(topic[len(self.live_prefix) :], raw)
+            return False
+        if topic.startswith(self.node_status_prefix):
+            # A node's own copy of its status (several nodes on one broker): what judges that node's
+            # snapshots; shown once, from `<prefix>/status`, not twice.
+            with contextlib.suppress(ValueError):
+                doc = load_untrusted_json(raw, max_bytes=MAX_PAYLOAD_BYTES, max_depth=8)
+                if isinstance(doc, dict) and doc.get("event") == "status" and not self.as_json:
+                    status = self.board.board.status
+                    self.board.board.apply(doc)
+                    self.board.board.status = status  # the line shows the shared status as before
             return False
         try:
             # Anyone who may publish on the prefix writes these, and a retained one is read at every

@@ -37,7 +37,8 @@ from ..accounts import Role
 from ..audit import AuditLog
 from ..config import MqttConfig
 from ..events import NullEvents, mqtt_tls_context
-from ..live import MAX_CALLS, MAX_PAYLOAD_BYTES, LiveBoard, LiveCall, parse_at
+from ..live import MAX_CALLS, MAX_NODES, MAX_PAYLOAD_BYTES, LiveBoard, LiveCall, parse_at
+from ..node import is_safe_node_name
 from ..safe import clean_log_value, is_safe_call_id, load_untrusted_json, printable
 from ..storage import StorageError
 from ..supervision import MODES, SupervisionError, SupervisionSession
@@ -149,7 +150,11 @@ class BoardFeed:
         self._confirmed: dict[str, int] = {}
         self._awaiting_status = False
         self._sweep_at: float | None = None
-        self._last_online: tuple[Any, Any] | None = None
+        #: Per node, the (boot, at) of its service's last "online": a new one is that service restarting.
+        self._last_online: dict[str, tuple[Any, Any]] = {}
+        #: Per node whose service restarted: (when to sweep, since when its calls must be confirmed).
+        self._node_sweeps: dict[str, tuple[float, float]] = {}
+        self._confirmed_at: dict[str, float] = {}
         self._ended: dict[str, None] = {}
         self.ignored = 0
 
@@ -229,7 +234,8 @@ class BoardFeed:
         if not topic.startswith(self.prefix + "/"):
             return
         levels = topic[len(self.prefix) + 1 :].split("/")
-        if levels == ["status"]:
+        node_status = len(levels) == 2 and levels[0] == "status" and is_safe_node_name(levels[1])
+        if levels == ["status"] or node_status:
             self._status(raw)
         elif len(levels) == 2 and levels[0] == "live" and is_safe_call_id(levels[1]):
             self._snapshot(levels[1], raw)
@@ -252,14 +258,19 @@ class BoardFeed:
             return
         self.board.apply(doc)
         if doc.get("state") == "online":
+            node = str(doc["node"]) if isinstance(doc.get("node"), str) else ""
             key = (doc.get("boot"), doc.get("at"))
-            service_reconnected = doc.get("reason") == "connected" and key != self._last_online
-            if service_reconnected and not self._awaiting_status:
-                self._epoch += 1  # its snapshots come again right after this status
-            if service_reconnected or self._awaiting_status:
+            service_reconnected = doc.get("reason") == "connected" and key != self._last_online.get(node)
+            if self._awaiting_status:  # our own reconnect: every node's retained state comes again
                 self._sweep_at = self.clock() + RESYNC_GRACE_S
+            elif service_reconnected:
+                # That node's service restarted (or reconnected): its snapshots come again right after
+                # this status; its calls that do not are gone. Other nodes' calls are not its business.
+                now = self.clock()
+                self._node_sweeps[node] = (now + RESYNC_GRACE_S, now)
             self._awaiting_status = False
-            self._last_online = key
+            if node in self._last_online or len(self._last_online) < MAX_NODES:
+                self._last_online[node] = key
         self._service_changed()
 
     def _snapshot(self, call_id: str, raw: bytes) -> None:
@@ -272,9 +283,8 @@ class BoardFeed:
         call = LiveCall.from_snapshot(doc, call_id) if doc is not None else None
         if doc is None or call is None:
             return
-        boot = (self.board.status or {}).get("boot")
-        if boot and doc.get("boot") not in (None, boot):
-            return  # left retained by an earlier run of the service: not confirmed, swept
+        if self.board.stale(doc):
+            return  # left retained by an earlier run of its node's service: not confirmed, swept
         if not call.live:
             return
         self.board.put(call)
@@ -307,17 +317,33 @@ class BoardFeed:
 
     def _confirm(self, call_id: str) -> None:
         self._confirmed[call_id] = self._epoch
+        self._confirmed_at[call_id] = self.clock()
         while len(self._confirmed) > MAX_CALLS:
             del self._confirmed[next(iter(self._confirmed))]
+        while len(self._confirmed_at) > MAX_CALLS:
+            del self._confirmed_at[next(iter(self._confirmed_at))]
 
     def tick(self) -> None:
-        """Drop the calls nobody confirmed after a resync, once its grace period is over."""
-        if self._sweep_at is None or self.clock() < self._sweep_at:
-            return
-        self._sweep_at = None
-        for call_id in [c for c in self.board.calls if self._confirmed.get(c, -1) < self._epoch]:
+        """Drop the calls nobody confirmed after a resync, once its grace period is over: every call
+        after our own reconnect, a node's calls after that node's service restarted."""
+        now = self.clock()
+        gone: list[str] = []
+        if self._sweep_at is not None and now >= self._sweep_at:
+            self._sweep_at = None
+            gone += [c for c in self.board.calls if self._confirmed.get(c, -1) < self._epoch]
+        for node, (due, since) in list(self._node_sweeps.items()):
+            if now < due:
+                continue
+            del self._node_sweeps[node]
+            gone += [
+                call_id
+                for call_id, call in self.board.calls.items()
+                if call.node == node and self._confirmed_at.get(call_id, -1.0) < since
+            ]
+        for call_id in dict.fromkeys(gone):
             self.board.remove(call_id)
             self._confirmed.pop(call_id, None)
+            self._confirmed_at.pop(call_id, None)
             self._gone(call_id)
 
     # --- the connection ---------------------------------------------------------------------------------
@@ -337,7 +363,7 @@ class BoardFeed:
                     timeout=10,
                 ) as client:
                     self.connected()
-                    for topic in ("status", "live/+", "calls/+/+"):
+                    for topic in ("status", "status/+", "live/+", "calls/+/+"):
                         await client.subscribe(f"{self.prefix}/{topic}", qos=1)
                     log.info("web event=board_feed_connected host=%s port=%d", self.mqtt.host, self.mqtt.port)
                     delay = 0.5
