@@ -86,6 +86,12 @@ RECORD_ROWS = """
 }
 """
 
+# How many calls a board shows now.
+COUNT_ROWS = "() => document.querySelectorAll('#board-rows tr.call').length"
+
+#: After a run, how long the boards get to show the last calls' ends before a row left is a defect.
+SETTLE_S = 10.0
+
 # The rows still on the board, and what this page has recorded since the last drain.
 DRAIN_ROWS = """
 () => {
@@ -328,6 +334,8 @@ class Run:
     asterisk_avg: float = 0.0
     app_avg: float = 0.0
     wall_s: float = 0.0
+    #: Seconds from the end of the load until every board was empty (SETTLE_S: some never were).
+    settle_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -365,7 +373,14 @@ async def one_run(
     t0 = time.time()
     result = await bl.run_level(load_args, cfg, sampler, workdir / f"b{len(pages)}", level, "app", app)
     t1 = time.time()
-    await asyncio.sleep(2.0)  # the last `ended` events reach the boards
+    # The last `ended` events reach the boards; a row still there after SETTLE_S is a defect, not a delay.
+    settle_start = time.monotonic()
+    while time.monotonic() - settle_start < SETTLE_S:
+        counts = [await page.evaluate(COUNT_ROWS) for page in pages]
+        if not any(counts):
+            break
+        await asyncio.sleep(0.25)
+    run.settle_s = round(time.monotonic() - settle_start, 2)
     run.attempted, run.completed, run.rec_ok = result.attempted, result.completed, result.rec_ok
     run.asterisk_avg, run.app_avg, run.wall_s = result.asterisk_avg, result.app_avg, result.wall_s
     run.notes += result.notes
@@ -419,7 +434,8 @@ def section(meta: dict[str, Any], idle: dict[str, Any], runs: list[Run]) -> str:
         f"{idle['chromium_avg']:.1f} %.",
         "",
         "| sessions | concurrent calls | calls ok | recordings ok | appear p50 / p95 / p99 / max (ms) | "
-        "every change p50 / p99 (ms) | calls seen per session | rows left | console CPU avg / peak | "
+        "every change p50 / p99 (ms) | calls seen per session | rows left (boards empty after) | "
+        "console CPU avg / peak | "
         "console RSS peak | Chromium CPU | Asterisk | app |",
         "|---:|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
@@ -430,7 +446,8 @@ def section(meta: dict[str, Any], idle: dict[str, Any], runs: list[Run]) -> str:
         lines.append(
             f"| {r.browsers} | {r.level} | {r.completed}/{r.attempted} | {r.rec_ok}/{r.attempted} | "
             f"{appear} | "
-            f"{change} | {seen} | {sum(r.left)} | {r.console_avg:.0f} % / {r.console_peak:.0f} % | "
+            f"{change} | {seen} | {sum(r.left)} ({r.settle_s:.1f} s) | "
+            f"{r.console_avg:.0f} % / {r.console_peak:.0f} % | "
             f"{fmt_mib(r.console_rss_peak_mib)} | {r.chromium_avg:.0f} % | {r.asterisk_avg:.0f} % | "
             f"{r.app_avg:.0f} % |"
         )
