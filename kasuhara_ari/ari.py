@@ -454,6 +454,35 @@ class AriClient:
         )
         return Channel.from_json(data)
 
+    async def external_media(
+        self,
+        *,
+        channel_id: str,
+        external_host: str,
+        media_format: str = "slin",
+        direction: str = "both",
+        app_args: str = "",
+    ) -> dict[str, Any]:
+        """An externalMedia channel streaming RTP over UDP to ``external_host`` (``host:port``); the answer
+        (the channel's JSON) carries ``channelvars`` UNICASTRTP_LOCAL_ADDRESS/PORT: where its RTP comes from.
+        ``direction`` other than ``both`` is accepted by 22.x's code although its API doc lists only both."""
+        data: dict[str, Any] = await self.request(
+            "POST",
+            "/channels/externalMedia",
+            params={
+                "app": self.app,
+                "appArgs": app_args or None,
+                "channelId": channel_id,
+                "external_host": external_host,
+                "format": media_format,
+                "encapsulation": "rtp",
+                "transport": "udp",
+                "connection_type": "client",
+                "direction": direction,
+            },
+        )
+        return data
+
     # --- events -----------------------------------------------------------------------------------------
 
     def _ws_url(self, app: str | None = None) -> str:

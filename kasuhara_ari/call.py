@@ -28,7 +28,9 @@ from .ari import AriError, Channel, ChannelGone
 from .callerid import CallerId, agent_label, render, repairs
 from .callers import CallerPolicy, ListedCaller
 from .config import Config
-from .detection.talk import Detection, Party, TalkDetector
+from .detection.base import BUILTIN_KINDS, Detection, DetectorFactory, FrameDetector, make_detectors
+from .detection.media import MEDIA_FORMAT, MediaReceiver, StreamFeed
+from .detection.talk import Party, TalkDetector
 from .events import EventSink, now_iso
 from .policy import BudgetStep, TimeBudget
 from .recording import CallRecord, Escalation, Recorder, SpoolPaths, write_json_atomic
@@ -44,6 +46,10 @@ Event = dict[str, Any]
 
 #: Set (inherited, ``__`` prefix) on a channel once it heard the notice: it is not played to it again.
 NOTICE_VAR = "KASUHARA_NOTICE_PLAYED"
+#: The inbox event that carries what the frame detectors found (from the media socket's callback).
+DETECTIONS_EVENT = "KasuharaDetections"
+#: How long the teardown waits for a detector-rung listening supervisor's session to end by itself.
+LISTEN_END_WAIT_S = 3.0
 
 #: A talking call that a stopping ``serve`` left to its successor: ``<spool>/<call_id>.handover``.
 HANDOVER_SCHEMA = "kasuhara.handover/1"
@@ -98,6 +104,18 @@ class Telephony(Protocol):
     async def destroy_bridge(self, bridge_id: str) -> None: ...
     async def set_variable(self, channel_id: str, name: str, value: str) -> None: ...
     async def get_variable(self, channel_id: str, name: str) -> str: ...
+    async def snoop(
+        self, channel_id: str, *, snoop_id: str, spy: str = "both", whisper: str = "none", app_args: str = ""
+    ) -> Channel: ...
+    async def external_media(
+        self,
+        *,
+        channel_id: str,
+        external_host: str,
+        media_format: str = "slin",
+        direction: str = "both",
+        app_args: str = "",
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -117,6 +135,10 @@ class CallDeps:
     callers: CallerPolicy | None = None
     #: The agent's recovery pause after a harassment call ([care]); None = no pauses.
     care: CooldownKeeper | None = None
+    #: The app's one socket for the callers' audio, and the detectors fed from it (detection/); none:
+    #: only Asterisk's talk detection.
+    media: MediaReceiver | None = None
+    detectors: tuple[DetectorFactory, ...] = ()
 
 
 #: Backoff of a metadata write the disk refused (retried until it succeeds; see _write_metadata).
@@ -193,6 +215,18 @@ class Call:
         self._ended_wall: float | None = None
         #: The queue member behind a ``Local/…`` agent leg (app_queue's MEMBERINTERFACE), for the pause.
         self.agent_member: str | None = None
+        # Frame detectors (loudness, plug-ins) and the caller's audio feeding them: see _start_media.
+        self.frame_detectors: list[FrameDetector] = (
+            make_detectors(detection, list(deps.detectors))
+            if detection.mode != "off" and deps.media is not None
+            else []
+        )
+        self._feed: StreamFeed | None = None
+        self._media_tried = False  # what the teardown must clean up (nothing for a call never talked)
+        self.media_ids = (f"{call_id}-media-snoop", f"{call_id}-media-rtp", f"kasuhara-media-{call_id}")
+        self._detected = 0
+        self._acted: set[str] = set()
+        self._listen_task: asyncio.Task[None] | None = None
 
     # --- facts ------------------------------------------------------------------------------------------
 
@@ -266,6 +300,8 @@ class Call:
             # The caller's digits never trigger anything (and are not logged: they may be card numbers).
         elif kind in ("ChannelTalkingStarted", "ChannelTalkingFinished"):
             self._absorb_talk(kind, chan, event)
+        elif kind == DETECTIONS_EVENT:
+            self._detections.extend(event.get("detections") or [])
         elif kind == "Dial":
             log.debug(
                 "call event=dial call_id=%s peer=%s status=%s",
@@ -304,6 +340,8 @@ class Call:
             duration = event.get("duration")
             seconds = float(duration) / 1000 if isinstance(duration, int | float) else None
             self._detections.extend(self.talk.finished(party, now, seconds))
+        for det in self.frame_detectors:
+            self._detections.extend(det.talk(party, kind == "ChannelTalkingStarted", self.elapsed_s()))
 
     async def _report_detections(self) -> None:
         """Each detection: its event (into the timeline too); in ``act`` mode the call becomes evidence."""
@@ -311,15 +349,148 @@ class Call:
             self._detections.extend(self.talk.check(time.monotonic()))
         while self._detections:
             found = self._detections.pop(0)
-            offset = round(self.elapsed_s(), 1)
+            now_s = self.elapsed_s()
+            offset = round(now_s, 1)
             mode = self.deps.cfg.detection.mode
             log.info("call event=detected call_id=%s kind=%s mode=%s", self.call_id, found.kind, mode)
             figures: dict[str, Any] = dict(found.figures)
-            self.emit(f"{found.kind}_detected", offset_s=offset, mode=mode, **figures)
+            if found.onset_s is not None and self._feed is not None and self._feed.started_wall is not None:
+                # Where it began on the recording's clock (MixMonitor starts at the answer), and how long
+                # the detector needed to be sure.
+                onset = self._feed.started_wall - (self._answered_wall or 0.0) + found.onset_s
+                offset = round(max(0.0, onset), 2)
+                figures["latency_s"] = round(max(0.0, now_s - onset), 2)
+            if found.kind in BUILTIN_KINDS:
+                self.emit(f"{found.kind}_detected", offset_s=offset, mode=mode, **figures)
+            else:  # an operator's plug-in (detection/base.py): one event name, its kind inside
+                self.emit("custom_detected", offset_s=offset, mode=mode, kind=found.kind, **figures)
+            self._detected += 1
             if mode == "act":
-                await self.escalation.hold_as_evidence(
-                    key=f"detected:{found.kind}", by="detector", reason=f"detected: {found.kind}"
+                await self._act_on(found, offset)
+
+    def _may_act(self, action: str) -> bool:
+        """Each ``act`` action once per call (unless ``act_repeat``)."""
+        if action in self._acted and not self.deps.cfg.detection.act_repeat:
+            return False
+        self._acted.add(action)
+        return True
+
+    async def _act_on(self, found: Detection, offset_s: float) -> None:
+        """``act`` mode: alert the supervisors, have one listen in, flag the call after N detections."""
+        det = self.deps.cfg.detection
+        if det.act_alert and self._may_act("alert"):
+            log.warning("call event=detection_alert call_id=%s kind=%s", self.call_id, found.kind)
+            self.emit("detection_alert", kind=found.kind, offset_s=offset_s, detections=self._detected)
+        if det.act_listen and self._listen_task is None and self.deps.cfg.escalation.supervisors:
+            self._acted.add("listen")
+            self._listen_task = asyncio.create_task(self._listen_in(), name=f"listen-{self.call_id}")
+        if det.act_flag_after and self._detected >= det.act_flag_after and self._may_act("flag"):
+            await self.escalation.hold_as_evidence(
+                key=f"detected:{found.kind}", by="detector", reason=f"detected: {found.kind}"
+            )
+
+    async def _listen_in(self) -> None:
+        """The first supervisor who answers listens in (supervision.py's listen mode: nobody hears them);
+        the agent alone first hears the tone of an accepted ``*9`` (escalation.supervisor_ack_sound), so
+        they know someone is coming. (A ``tone:`` string cannot be used: ARI splits media at commas.)"""
+        from .supervision import SupervisionError, SupervisionSession  # the face of `kasuhara supervise`
+
+        cfg = self.deps.cfg
+        sound = cfg.escalation.supervisor_ack_sound
+        if sound and self.agent_id and not self.channel_gone(self.agent_id):
+            await self.deps.notices.cue(self.agent_id, sound, tag=f"{self.call_id}-listen")
+        for endpoint in cfg.escalation.supervisors:
+            session = SupervisionSession(
+                cfg, self.call_id, "listen", endpoint, events=self.deps.events, by="detector"
+            )
+            try:
+                reason = await session.run()
+            except SupervisionError as exc:
+                log.info(
+                    "call event=listen_failed call_id=%s supervisor=%s error=%s", self.call_id, endpoint, exc
                 )
+                continue
+            log.info(
+                "call event=listen_ended call_id=%s supervisor=%s reason=%s", self.call_id, endpoint, reason
+            )
+            return
+
+    async def _end_listening(self) -> None:
+        """After the call's legs and bridge are gone: a listening supervisor's session sees that and ends
+        by itself (``call_ended``, the supervisor hung up); cancelled if it takes longer than a moment."""
+        task = self._listen_task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=LISTEN_END_WAIT_S)
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _start_media(self) -> None:
+        """The caller's audio to the detectors: a snoop (``spy=in``: the caller's voice only) bridged with
+        an externalMedia channel sending RTP to the app's socket. A failure costs the call nothing but
+        signal 2 (logged); whatever was made is removed again."""
+        media = self.deps.media
+        det = self.deps.cfg.detection
+        if media is None or not self.frame_detectors or self.channel_gone(self.caller.id):
+            return
+        ari = self.deps.ari
+        snoop_id, rtp_id, bridge_id = self.media_ids
+        for chan in (snoop_id, rtp_id):
+            if self.deps.claim_channel is not None:
+                self.deps.claim_channel(chan, self)
+        self._media_tried = True
+        try:
+            host, port = await media.open(det.media_bind, det.media_port)
+            feed = StreamFeed(
+                "caller",
+                self.frame_detectors,
+                self._on_frame_detections,
+                frame_samples=8 * det.frame_ms,
+            )
+            em = await ari.external_media(
+                channel_id=rtp_id,
+                external_host=f"{det.media_host or host}:{port}",
+                media_format=MEDIA_FORMAT,
+                app_args="media",
+            )
+            vars_ = em.get("channelvars") or {}
+            source = (
+                str(vars_.get("UNICASTRTP_LOCAL_ADDRESS", "")),
+                int(vars_.get("UNICASTRTP_LOCAL_PORT", 0)),
+            )
+            media.register(source, feed)
+            self._feed = feed
+            await ari.snoop(self.caller.id, snoop_id=snoop_id, spy="in", app_args="media")
+            await ari.create_bridge(bridge_id, kind="mixing", name=bridge_id)
+            # Both enter the app a moment after their create returns; addChannel before that is a 422
+            # (seen at 4 calls at once).
+            for chan in (rtp_id, snoop_id):
+                await self.until_in_stasis(chan)
+                await ari.add_to_bridge(bridge_id, chan)
+        except (AriError, OSError, ValueError) as exc:
+            log.warning("call event=media_failed call_id=%s error=%s", self.call_id, exc)
+            await self._stop_media()
+            return
+        log.debug("call event=media_started call_id=%s source=%s:%s", self.call_id, *source)
+
+    def _on_frame_detections(self, found: list[Detection], feed: StreamFeed) -> None:
+        """From the media socket's callback into the call's inbox: the call acts in its own task."""
+        self.deliver({"type": DETECTIONS_EVENT, "detections": found})
+
+    async def _stop_media(self) -> None:
+        """Part of the teardown: nothing of the media path outlives the call (the snoop would go with the
+        caller's channel, the externalMedia channel and its bridge would not)."""
+        if self._feed is not None and self.deps.media is not None:
+            self.deps.media.unregister(self._feed)
+        if not self._media_tried:
+            return
+        self._media_tried = False
+        snoop_id, rtp_id, bridge_id = self.media_ids
+        for chan in (rtp_id, snoop_id):
+            if not self.channel_gone(chan):
+                await self._quietly(self.deps.ari.hangup(chan))
+        await self._quietly(self.deps.ari.destroy_bridge(bridge_id))
 
     def _on_channel_gone(self, channel_id: str, event: Event) -> None:
         # A normal clearing (16) or none given is the everyday end: DEBUG; any other cause says why.
@@ -456,6 +627,7 @@ class Call:
                 await ari.set_variable(caller, name, value)
             except AriError as exc:  # e.g. func_talkdetect.so not loaded: the call goes on undetected
                 log.warning("call event=talk_detect_failed call_id=%s error=%s", self.call_id, exc)
+        await self._start_media()
         await self._talk()
 
     async def _finish(self) -> None:
@@ -659,8 +831,15 @@ class Call:
         """The one teardown path: stop recording, hang up every leg, drop the bridge, write metadata.
         A call handed over to the next ``serve`` leaves all of that to it (unless the handover file
         cannot be written: then it ends here, as any other)."""
-        if self.state is CallState.HANDED_OVER and await self._write_handover():
-            return
+        if self.state is CallState.HANDED_OVER:
+            # What only this process serves goes now: the audio stream to its socket (the next serve
+            # starts its own) and a supervisor listening through it.
+            await self._stop_media()
+            if self._listen_task is not None and not self._listen_task.done():
+                self._listen_task.cancel()
+                await asyncio.gather(self._listen_task, return_exceptions=True)
+            if await self._write_handover():
+                return
         self._set_state(CallState.ENDING)
         ari = self.deps.ari
         try:
@@ -669,10 +848,12 @@ class Call:
                     await self.deps.recorder.stop(self.caller.name, self.call_id)
                 except Exception as exc:
                     log.warning("call event=stop_recording_failed call_id=%s error=%s", self.call_id, exc)
+            await self._stop_media()
             for channel_id in [*self.escalation.channel_ids(), self.agent_id or "", self.caller.id]:
                 if channel_id and not self.channel_gone(channel_id):
                     await self._quietly(ari.hangup(channel_id))
             await self._quietly(ari.destroy_bridge(self.bridge_id))
+            await self._end_listening()
         finally:
             ended = self._ended_wall or time.time()
             self.record.ended_at = _iso(ended)
@@ -827,6 +1008,7 @@ class Call:
         if self.channel_gone(self.caller.id) and (not self.agent_id or self.channel_gone(self.agent_id)):
             self.record.end_reason = self.record.end_reason or "ended_during_handover"
             return
+        await self._start_media()  # the detectors start afresh here (the caller's baseline is learnt again)
         await self._talk()
 
     async def repair_presented_id(self, channel: Channel) -> None:

@@ -216,6 +216,35 @@ class DetectionConfig:
     talk_over_back_off_s: float = 1.5
     #: The same detection is reported again at most this often in one call.
     repeat_s: float = 300.0
+    #: Signal 2, the caller's loudness (kasuhara_ari/detection/loudness.py): the caller's audio only (a
+    #: snoop ``spy=in`` bridged with an ARI externalMedia channel) streamed over RTP to one UDP socket of
+    #: the app for every call. ``media_host`` is where Asterisk sends it (empty: ``media_bind``);
+    #: ``media_port`` 0 = any free port. Off by default: its Asterisk cost (a snoop, an externalMedia channel
+    #: and a bridge per call) was measured above the issue's +10 % at 10 calls (README, docs/benchmarks.md).
+    loudness: bool = False
+    media_bind: str = "127.0.0.1"
+    media_host: str = ""
+    media_port: int = 0
+    #: Frame length of the level measurement.
+    frame_ms: int = 100
+    #: The caller's first seconds of speech make their baseline level; quieter frames are no speech.
+    baseline_s: float = 3.0
+    speech_floor_dbfs: float = -45.0
+    #: A shout: for at least shout_min_s, most frames this far above the caller's baseline and above the
+    #: absolute floor (overdriven, clipping speech needs half the rise). shout_gap_s of calm between two.
+    shout_over_baseline_db: float = 10.0
+    shout_floor_dbfs: float = -20.0
+    shout_min_s: float = 1.0
+    shout_gap_s: float = 10.0
+    #: More detectors (the plug-in point, kasuhara_ari/detection/base.py): "package.module:Factory".
+    detectors: tuple[str, ...] = ()
+    #: ``act`` mode: alert the supervisors (event detection_alert); ring the first free supervisor of
+    #: escalation.supervisors to listen in (the agent hears a tone); flag the call as evidence after
+    #: act_flag_after detections (0 = never). Each action once per call unless act_repeat.
+    act_alert: bool = True
+    act_listen: bool = False
+    act_flag_after: int = 1
+    act_repeat: bool = False
 
 
 @dataclass(frozen=True)
@@ -510,6 +539,18 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"detection.{name}: must be more than 0, got {getattr(det, name)}")
     if det.talk_over_attempts < 1:
         raise ConfigError(f"detection.talk_over_attempts: must be at least 1, got {det.talk_over_attempts}")
+    if not 20 <= det.frame_ms <= 500 or det.frame_ms % 20:
+        raise ConfigError(f"detection.frame_ms: {det.frame_ms} is not a multiple of 20 between 20 and 500")
+    if not 0 <= det.media_port < 65536:
+        raise ConfigError(f"detection.media_port: {det.media_port} is not a UDP port (0 = any)")
+    for name in ("baseline_s", "shout_over_baseline_db", "shout_min_s"):
+        if not getattr(det, name) > 0:
+            raise ConfigError(f"detection.{name}: must be more than 0, got {getattr(det, name)}")
+    if det.act_flag_after < 0:
+        raise ConfigError(f"detection.act_flag_after: must be 0 (never) or more, got {det.act_flag_after}")
+    for path in det.detectors:
+        if path.count(":") != 1 or not all(path.split(":")):
+            raise ConfigError(f"detection.detectors: {path!r} is not 'package.module:Factory'")
     if cfg.general.log_format not in ("text", "json"):
         raise ConfigError(f"general.log_format: {cfg.general.log_format!r} is not text or json")
     if cfg.general.node and not is_safe_node_name(cfg.general.node):

@@ -57,6 +57,7 @@ NEEDED_MODULES = {
     "app_mixmonitor.so": None,
     "res_stasis_snoop.so": None,  # kasuhara supervise (listen, whisper)
     "func_talkdetect.so": "detection.mode",  # live detection (TALK_DETECT)
+    "chan_rtp.so": "detection.loudness",  # the caller's audio to the app (ARI externalMedia = UnicastRTP)
 }
 
 
@@ -71,6 +72,10 @@ async def check_ari(cfg: Config) -> Check:
         missing = []
         for module, setting in NEEDED_MODULES.items():
             if setting == "detection.mode" and cfg.detection.mode == "off":
+                continue
+            if setting == "detection.loudness" and (
+                cfg.detection.mode == "off" or not cfg.detection.loudness
+            ):
                 continue
             try:
                 state = await ari.request("GET", f"/asterisk/modules/{module}")

@@ -120,6 +120,9 @@ CALL_EVENTS: Mapping[str, frozenset[str]] = {
     # care: the agent's recovery pause after this call (kasuhara_ari/care/cooldown.py)
     "agent_cooldown_started": frozenset({"agent", "trigger", "duration_s", "until"}),
     "agent_cooldown_ended": frozenset({"agent", "reason"}),
+    "shouting_detected": frozenset({"offset_s", "mode", "level_dbfs", "baseline_dbfs", "duration_s"}),
+    "custom_detected": frozenset({"offset_s", "mode", "kind"}),
+    "detection_alert": frozenset({"kind", "offset_s"}),
 }
 #: Namespaces that route to ``<prefix>/<namespace>/<name>`` instead of a call's topic.
 NAMESPACES = frozenset({"retention", "audit"})

@@ -45,9 +45,11 @@ BADGES = (
     "not_recorded",
     "monologue",
     "talk_over",
+    "shouting",
+    "alerted",
 )
 #: Badges that draw a supervisor's attention on the board (a detection does: it is why it exists).
-ALERT_BADGES = frozenset({"flagged", "final_warning", "monologue", "talk_over"})
+ALERT_BADGES = frozenset({"flagged", "final_warning", "monologue", "talk_over", "shouting", "alerted"})
 
 _STATE_AFTER = {
     "started": "notice",
@@ -330,8 +332,10 @@ class LiveBoard:
             call.mark("repeat_caller")
         elif event == "recording_failed":
             call.mark("not_recorded")
-        elif event in ("monologue_detected", "talk_over_detected"):
+        elif event in ("monologue_detected", "talk_over_detected", "shouting_detected"):
             call.mark(event.removesuffix("_detected"))
+        elif event == "detection_alert":  # act mode: the detector asks the supervisors to look
+            call.mark("alerted")
         elif event == "ended":
             call.ended_at = at
             call.duration_s = _duration(payload.get("duration_s"))

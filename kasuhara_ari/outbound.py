@@ -76,6 +76,7 @@ class OutboundCall(Call):
         self.record.agent_answered_at = now_iso()
         self.emit("agent_answered", agent=self.agent_channel.name)
         self._set_state(CallState.TALKING)
+        await self._start_media()  # the customer's voice to the detectors (detection.loudness)
         await self._talk()
 
     def leg_caller_id(self, kind: str, **extra: str) -> CallerId:

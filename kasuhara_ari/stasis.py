@@ -23,6 +23,8 @@ from .call import HANDOVER_SUFFIX, Call, CallDeps, CallState
 from .callers import CallerPolicy
 from .care.cooldown import CooldownKeeper, channel_endpoint
 from .config import Config
+from .detection import configured_factories
+from .detection.media import MediaReceiver
 from .events import EventSink
 from .outbound import OutboundCall
 from .recording import Recorder
@@ -70,6 +72,9 @@ class StasisApp:
         self.calls: dict[str, Call] = {}
         self._by_channel: dict[str, Call] = {}
         self._by_bridge: dict[str, Call] = {}
+        factories = configured_factories(cfg.detection)
+        #: The one UDP socket for every call's caller audio (opened by the first call that needs it).
+        self.media = MediaReceiver() if factories else None
         self._deps = CallDeps(
             cfg=cfg,
             ari=ari,
@@ -81,6 +86,8 @@ class StasisApp:
             hold=hold,
             callers=callers,
             care=care,
+            media=self.media,
+            detectors=factories,
         )
         self._tasks: asyncio.TaskGroup | None = None
         self.connected = asyncio.Event()
@@ -92,13 +99,17 @@ class StasisApp:
 
     async def run(self) -> None:
         """Consume ARI events forever (reconnecting as needed)."""
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            async for event in self.ari.events():
-                try:
-                    self.dispatch(event)
-                except Exception:
-                    log.exception("stasis event=dispatch_bug type=%s", event.get("type"))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                async for event in self.ari.events():
+                    try:
+                        self.dispatch(event)
+                    except Exception:
+                        log.exception("stasis event=dispatch_bug type=%s", event.get("type"))
+        finally:
+            if self.media is not None:
+                self.media.close()
 
     # --- routing ---------------------------------------------------------------------------------------
 

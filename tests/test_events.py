@@ -387,6 +387,15 @@ def _one_of_each(call_id: str) -> list[tuple[str, str | None, dict[str, Any]]]:
         "hold_incomplete": {"reason": "legal_hold_refused", "keys": ["recordings/x.wav"], "record": True},
         "monologue_detected": {"offset_s": 70.2, "mode": "observe", "talking_s": 60.0, "caller_share": 0.9},
         "talk_over_detected": {"offset_s": 90.0, "mode": "act", "attempts": 3, "window_s": 60.0},
+        "shouting_detected": {
+            "offset_s": 41.3,
+            "mode": "observe",
+            "level_dbfs": -12.3,
+            "baseline_dbfs": -27.9,
+            "duration_s": 1.1,
+        },
+        "custom_detected": {"offset_s": 12.0, "mode": "observe", "kind": "keyword"},
+        "detection_alert": {"kind": "shouting", "offset_s": 41.3},
         "agent_cooldown_started": {
             "agent": "agent1",
             "trigger": "flag",

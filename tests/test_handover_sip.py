@@ -30,7 +30,7 @@ from test_flag_e2e_sip import _logged, _objects_of, _start_serve, _stop, serve_e
 
 from kasuhara_ari.config import Config
 
-from escalation_helpers import agent_pressing
+from escalation_helpers import agent_pressing, ari_get
 from s3_fixture import create_bucket, destroy_bucket, fetch, open_store, require_s3, unique_bucket
 from sip import agent_port, answering, caller
 from test_events import Collector
@@ -93,6 +93,9 @@ async def test_restart_mid_call_hands_the_call_over_and_loses_nothing(
     first_log, second_log = tmp_path / "serve-1.log", tmp_path / "serve-2.log"
     phones = []
     with serving(asterisk, "ho") as s:
+        # Signal 2 on: its audio stream belongs to the process (a socket of its own): dropped at the
+        # handover, started again by the next one.
+        s.env["KASUHARA_DETECTION__LOUDNESS"] = "true"
         try:
             async with Collector(mqtt_broker.mqtt.port, s.prefix) as sub:
                 first = _start_serve(s.env, first_log)
@@ -149,6 +152,11 @@ async def test_restart_mid_call_hands_the_call_over_and_loses_nothing(
         recorded_s = recorded_seconds(await asyncio.to_thread(fetch, s.store, objects["wav"]))
         assert abs(recorded_s - meta["duration_s"]) < 1.0, (recorded_s, meta["duration_s"])
         assert meta["duration_s"] > CALLER_TALKS_MS / 1000 - 2, meta["duration_s"]
+        channels = await ari_get(asterisk, "/channels")
+        leftovers = [c["id"] for c in channels.json() if call_id in c["id"]]
+        assert leftovers == [], leftovers  # nothing of the media path (or the call) outlives it
+        for log in (first_log, second_log):  # each process had its own stream, none failed
+            assert "call event=media_failed" not in log.read_text(), log.read_text()[-3000:]
         assert [p.name for p in s.spool.glob("*.handover*")] == ["1796300000.7.handover.bad"]
         assert "stasis event=handover_unreadable file=1796300000.7.handover" in second_log.read_text()
 

@@ -67,6 +67,9 @@ def _minimal(event: str) -> dict[str, Any]:
         "attempts": 3,
         "trigger": "flag",
         "until": "2025-01-31T09:20:02.123+00:00",
+        "level_dbfs": -12.3,
+        "baseline_dbfs": -27.9,
+        "kind": "shouting",
     }
     fields = {name: values[name] for name in CALL_EVENTS[event]}
     if event == "recording_stored":

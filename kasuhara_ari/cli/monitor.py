@@ -41,6 +41,8 @@ _BADGE_WORDS = {
     "final_warning": "final notice",
     "long_call": "long",
     "not_recorded": "NOT RECORDED",
+    "shouting": "shouting",
+    "alerted": "ALERT",
 }
 
 

@@ -8,10 +8,12 @@ import signal
 
 import click
 
+from ..detection import configured_factories
+from ..detection.base import DetectorLoadError
 from ..doctor import check_spool
 from ..service import Service
 from ..systemd import Notifier, announce_ready
-from .common import config_option, load_config, metrics_endpoint
+from .common import EXIT_CONFIG, config_option, load_config, metrics_endpoint
 
 
 @click.command()
@@ -19,6 +21,11 @@ from .common import config_option, load_config, metrics_endpoint
 def serve(config_path: str | None) -> None:
     """Run the Stasis app: notice, recording, bridging, escalation, upload and events."""
     cfg = load_config(config_path)
+    try:  # an operator's detector that cannot be imported is a configuration error, found now
+        configured_factories(cfg.detection)
+    except DetectorLoadError as exc:
+        click.echo(f"kasuhara: configuration error: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
 
     async def main() -> None:
         service = Service(cfg)

@@ -16,19 +16,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
 
 from ..config import DetectionConfig
+from .base import Detection, Party
 
-Party = Literal["caller", "agent"]
-
-
-@dataclass(frozen=True)
-class Detection:
-    """What was detected (the MQTT event ``<kind>_detected``) and its figures."""
-
-    kind: Literal["monologue", "talk_over"]
-    figures: dict[str, float | int]
+__all__ = ["Detection", "Party", "TalkDetector"]
 
 
 @dataclass

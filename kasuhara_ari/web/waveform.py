@@ -16,7 +16,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 #: Min/max pairs per waveform: enough for a 1280-px-wide canvas, small as JSON (~8 kB).
@@ -28,7 +28,17 @@ MAX_MARKERS = 200
 #: How far into the file the WAV header (RIFF, fmt, data chunk start) may reach.
 MAX_HEADER_BYTES = 64 * 1024
 
-MARKER_KINDS = ("notice", "answered", "flag", "warning", "supervisor", "monologue", "talk_over", "ended")
+MARKER_KINDS = (
+    "notice",
+    "answered",
+    "flag",
+    "warning",
+    "supervisor",
+    "monologue",
+    "talk_over",
+    "shouting",
+    "ended",
+)
 
 
 @dataclass(frozen=True)
@@ -273,6 +283,14 @@ def _time(value: object) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
+def _onset(start: datetime, entry: Mapping[str, Any]) -> object:
+    """A timeline entry's ``offset_s`` (seconds into the recording) as a time; else its ``at``."""
+    offset = entry.get("offset_s")
+    if isinstance(offset, int | float) and not isinstance(offset, bool) and 0 <= offset < 86400:
+        return (start + timedelta(seconds=float(offset))).isoformat(timespec="milliseconds")
+    return entry.get("at")
+
+
 def markers(doc: Mapping[str, Any]) -> list[Marker]:
     """The call's events on the recording's clock, in time order: notice, agent answered, flag, warning,
     supervisor joined, detections (monologue, talk-over), ended. From the metadata (escalations,
@@ -307,6 +325,8 @@ def markers(doc: Mapping[str, Any]) -> list[Marker]:
     # Live detection (issue 14): when the detector reported, from the timeline.
     found += [("monologue", at) for at in events("monologue_detected")]
     found += [("talk_over", at) for at in events("talk_over_detected")]
+    # A shout is reported a second after it began: its marker sits at its onset (offset_s, recording clock).
+    found += [("shouting", _onset(start, e)) for e in timeline if e.get("event") == "shouting_detected"]
     found += [("ended", at) for at in ([doc.get("ended_at")] if doc.get("ended_at") else events("ended"))]
     out: list[Marker] = []
     for kind, at in found[: MAX_MARKERS * 2]:

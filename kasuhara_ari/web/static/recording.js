@@ -15,7 +15,7 @@
   }));
   const COLOURS = {
     notice: "#2c7be5", answered: "#2e8b57", flag: "#c0392b", warning: "#e67e22",
-    supervisor: "#8e44ad", monologue: "#b3541e", talk_over: "#b3541e", ended: "#5d6b7a",
+    supervisor: "#8e44ad", monologue: "#b3541e", talk_over: "#b3541e", shouting: "#c0392b", ended: "#5d6b7a",
   };
   let peaks = [];
   let duration = Number(box.dataset.duration) || 0;
