@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,6 +214,25 @@ class LiveCall:
         return call
 
 
+#: Agents the board remembers in a recovery pause (care/cooldown.py's events); beyond it the oldest go.
+MAX_PAUSES = 1000
+#: The care pause's events: about an agent, not a call (they come on the ended call's topic).
+PAUSE_EVENTS = frozenset({"agent_cooldown_started", "agent_cooldown_ended"})
+_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass
+class AgentPause:
+    """An agent in a recovery pause after a harassment call (``agent_cooldown_started``), until its
+    ``agent_cooldown_ended`` or its ``until`` has passed."""
+
+    agent: str
+    call_id: str
+    trigger: str = ""
+    until: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+
+
 class LiveBoard:
     """What is known of the calls and the service, built from payloads only."""
 
@@ -223,6 +243,43 @@ class LiveBoard:
         #: Per node, its service's last status (several nodes share a broker; "" = a status without node).
         self.nodes: dict[str, dict[str, Any]] = {}
         self.max_calls = max_calls
+        #: Agents in a recovery pause, by endpoint name.
+        self.pauses: dict[str, AgentPause] = {}
+
+    def apply_pause(self, payload: Mapping[str, Any]) -> bool:
+        """Take a care pause event in (agents are not calls: no call is made or changed by it); True if
+        the pauses changed. An ``ended`` older than the pause it would end (a late one) is ignored."""
+        event, agent = payload.get("event"), payload.get("agent")
+        if event not in PAUSE_EVENTS or not isinstance(agent, str) or not _AGENT_NAME.fullmatch(agent):
+            return False
+        at = parse_at(payload.get("at"))
+        known = self.pauses.get(agent)
+        if event == "agent_cooldown_ended":
+            if known is None or (at is not None and known.started_at is not None and at < known.started_at):
+                return False
+            del self.pauses[agent]
+            return True
+        if known is not None and at is not None and known.started_at is not None and at < known.started_at:
+            return False
+        call_id = payload.get("call_id")
+        self.pauses.pop(agent, None)
+        while len(self.pauses) >= MAX_PAUSES:
+            del self.pauses[next(iter(self.pauses))]
+        self.pauses[agent] = AgentPause(
+            agent,
+            _text(call_id),
+            _text(payload.get("trigger"))[:32],
+            parse_at(payload.get("until")),
+            at,
+        )
+        return True
+
+    def expire_pauses(self, now: dt.datetime) -> list[str]:
+        """Forget pauses whose ``until`` has passed (their ``ended`` event was missed); returns agents."""
+        gone = [a for a, p in self.pauses.items() if p.until is not None and p.until <= now]
+        for agent in gone:
+            del self.pauses[agent]
+        return gone
 
     def stale(self, snapshot: Mapping[str, Any]) -> bool:
         """A retained snapshot left by an earlier run of its node's service: its ``boot`` is not that of
@@ -265,6 +322,9 @@ class LiveBoard:
             node = _text(payload.get("node"))[:64]
             if node in self.nodes or len(self.nodes) < MAX_NODES:
                 self.nodes[node] = self.status
+            return None
+        if event in PAUSE_EVENTS:
+            self.apply_pause(payload)
             return None
         call_id = payload.get("call_id")
         if not isinstance(event, str) or "." in event or not isinstance(call_id, str) or not call_id:

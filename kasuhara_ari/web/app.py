@@ -25,7 +25,7 @@ from ..accounts import Accounts
 from ..config import Config
 from ..events import EventSink
 from ..storage import ObjectStore
-from . import audit_page, auth, board, recordings, search
+from . import audit_page, auth, board, care_page, recordings, search, training_page
 from .console import STATIC_DIR, Console
 from .security import ProxiedClient, SecurityHeaders
 from .sessions import Clock
@@ -54,6 +54,8 @@ def create_app(
         *recordings.routes(console),
         *search.routes(console),
         *audit_page.routes(console),
+        *care_page.routes(console),
+        *training_page.routes(console),
         Route("/healthz", healthz, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, follow_symlink=False), name="static"),
     ]

@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from ..accounts import Role
 from ..audit import AuditLog
 from ..config import MqttConfig
 from ..events import NullEvents, mqtt_tls_context
-from ..live import MAX_CALLS, MAX_NODES, MAX_PAYLOAD_BYTES, LiveBoard, LiveCall, parse_at
+from ..live import MAX_CALLS, MAX_NODES, MAX_PAYLOAD_BYTES, PAUSE_EVENTS, LiveBoard, LiveCall, parse_at
 from ..node import is_safe_node_name
 from ..safe import clean_log_value, is_safe_call_id, load_untrusted_json, printable
 from ..storage import StorageError
@@ -98,7 +98,7 @@ def call_row(call: LiveCall, *, masked: bool) -> dict[str, Any]:
 
 
 #: The words board.js needs (the rest of the page is rendered on the server).
-_JS_TEXTS = ("board_", "col_", "state_", "dir_", "badge_", "join_")
+_JS_TEXTS = ("board_", "col_", "state_", "dir_", "badge_", "join_", "pause_")
 
 
 def board_texts(lang: str) -> dict[str, str]:
@@ -138,8 +138,16 @@ class BoardClient:
 class BoardFeed:
     """The console's view of the calls and the service, and the open boards it keeps up to date."""
 
-    def __init__(self, mqtt: MqttConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        mqtt: MqttConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        people: Mapping[str, str] | None = None,
+    ) -> None:
         self.mqtt = mqtt
+        #: ``[agents]``: the person behind an endpoint, shown beside a pausing agent.
+        self.people = dict(people or {})
         self.clock = clock
         self.prefix = mqtt.topic_prefix
         self.board = LiveBoard(max_calls=MAX_CALLS)
@@ -171,10 +179,25 @@ class BoardFeed:
             "broker": self.broker_connected,
         }
 
+    def pause_rows(self) -> list[dict[str, Any]]:
+        """The agents in a recovery pause (care), soonest back first; every string printable."""
+        far = dt.datetime.max.replace(tzinfo=dt.UTC)
+        return [
+            {
+                "agent": p.agent,
+                "person": printable(self.people.get(p.agent, ""), max_chars=SHOWN_CHARS),
+                "trigger": p.trigger if p.trigger.replace("_", "").isalpha() else "",
+                "until": p.until.isoformat(timespec="milliseconds") if p.until else None,
+            }
+            for p in sorted(self.board.pauses.values(), key=lambda p: (p.until or far, p.agent))
+        ]
+
     def snapshot(self, client: BoardClient) -> str:
         calls = [call_row(c, masked=client.masked) for c in self.board.calls.values() if c.live]
         now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        return sse("snapshot", {"calls": calls, "service": self.service(), "now": now})
+        return sse(
+            "snapshot", {"calls": calls, "service": self.service(), "now": now, "pauses": self.pause_rows()}
+        )
 
     def subscribe(self, *, masked: bool) -> BoardClient | None:
         if len(self.clients) >= MAX_CLIENTS:
@@ -213,6 +236,9 @@ class BoardFeed:
 
     def _service_changed(self) -> None:
         self._send(lambda masked: sse("service", self.service()))
+
+    def _pauses_changed(self) -> None:
+        self._send(lambda masked: sse("pauses", {"pauses": self.pause_rows()}))
 
     # --- what the broker says ---------------------------------------------------------------------------
 
@@ -292,10 +318,15 @@ class BoardFeed:
         self._changed(call)
 
     def _event(self, call_id: str, raw: bytes) -> None:
-        if call_id in self._ended:
-            return
         doc = self._load(raw)
         if doc is None or doc.get("call_id") != call_id:
+            return
+        if doc.get("event") in PAUSE_EVENTS:
+            # About the agent, published once the call is over: never a call on the board.
+            if self.board.apply_pause(doc):
+                self._pauses_changed()
+            return
+        if call_id in self._ended:
             return
         call = self.board.apply(doc)
         if call is None:
@@ -325,7 +356,10 @@ class BoardFeed:
 
     def tick(self) -> None:
         """Drop the calls nobody confirmed after a resync, once its grace period is over: every call
-        after our own reconnect, a node's calls after that node's service restarted."""
+        after our own reconnect, a node's calls after that node's service restarted; and pauses whose end
+        was missed, once their time is up."""
+        if self.board.pauses and self.board.expire_pauses(dt.datetime.now(dt.UTC)):
+            self._pauses_changed()
         now = self.clock()
         gone: list[str] = []
         if self._sweep_at is not None and now >= self._sweep_at:
@@ -391,7 +425,8 @@ class BoardFeed:
 class BoardPages:
     def __init__(self, console: Console) -> None:
         self.c = console
-        self.feed = BoardFeed(console.cfg.mqtt) if console.cfg.mqtt.enabled else None
+        cfg = console.cfg
+        self.feed = BoardFeed(cfg.mqtt, people=cfg.agents.people) if cfg.mqtt.enabled else None
         #: Supervision sessions started from the board, by account (owned by the app's lifespan).
         self.supervisions: dict[str, asyncio.Task[None]] = {}
 
@@ -407,6 +442,7 @@ class BoardPages:
             csrf=session.csrf,
             here="/",
             may_join=session.role in (Role.SUPERVISOR, Role.ADMIN),
+            may_resume=session.role in (Role.SUPERVISOR, Role.ADMIN),
             feed=self.feed is not None,
             board_texts=board_texts(self.c.language(request)),
         )

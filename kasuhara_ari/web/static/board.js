@@ -232,6 +232,7 @@
       }
       service = data.service;
       showService();
+      showPauses(data.pauses || []);
       redraw();
       showConn("live", text("board_live", "live"));
       if (data.calls.some((c) => c.alert)) {
@@ -243,6 +244,7 @@
       calls.delete(JSON.parse(e.data).call_id);
       redraw();
     });
+    source.addEventListener("pauses", (e) => showPauses(JSON.parse(e.data).pauses));
     source.addEventListener("service", (e) => {
       service = JSON.parse(e.data);
       showService();
@@ -298,6 +300,68 @@
         button.disabled = false;
       });
   });
+
+  // --- agents in a recovery pause (care): a panel of their own, agents are not calls ---------------------
+  const pausePanel = document.getElementById("pauses");
+  const pauseRows = document.getElementById("pause-rows");
+  const mayResume = pausePanel && pausePanel.dataset.resume === "yes";
+
+  function clock(iso) {
+    const at = Date.parse(iso || "");
+    return Number.isNaN(at) ? "-" : new Date(at).toLocaleTimeString();
+  }
+
+  function showPauses(pauses) {
+    if (!pausePanel) {
+      return;
+    }
+    const fresh = pauses.map((p) => {
+      const tr = el("tr", "pause");
+      tr.dataset.agent = p.agent;
+      const who = el("td", "agent", p.agent);
+      who.appendChild(document.createTextNode(" "));
+      who.appendChild(el("span", "badge badge-pause", text("pause_badge", "pause")));
+      tr.appendChild(who);
+      tr.appendChild(el("td", "person", p.person || "-"));
+      tr.appendChild(el("td", "until", clock(p.until)));
+      if (mayResume) {
+        const cell = el("td", "actions");
+        const button = el("button", "resume", text("pause_resume", "resume"));
+        button.type = "button";
+        button.dataset.agent = p.agent;
+        cell.appendChild(button);
+        tr.appendChild(cell);
+      }
+      return tr;
+    });
+    pauseRows.replaceChildren(...fresh);
+    pausePanel.hidden = fresh.length === 0;
+  }
+
+  if (pausePanel) {
+    pauseRows.addEventListener("click", (e) => {
+      const button = e.target.closest("button.resume");
+      if (!button) {
+        return;
+      }
+      const body = new URLSearchParams({ csrf, agent: button.dataset.agent });
+      button.disabled = true;
+      fetch("/care/resume", { method: "POST", body, credentials: "same-origin" })
+        .then((r) => r.json().catch(() => ({ ok: false, message: text("pause_failed", "failed") })))
+        .then((answer) => {
+          notice.textContent = answer.message || text("pause_failed", "failed");
+          notice.hidden = false;
+          notice.classList.toggle("error", !answer.ok);
+        })
+        .catch(() => {
+          notice.textContent = text("pause_failed", "failed");
+          notice.hidden = false;
+        })
+        .finally(() => {
+          button.disabled = false;
+        });
+    });
+  }
 
   connect();
 })();
