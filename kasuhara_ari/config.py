@@ -376,6 +376,15 @@ class AgentsConfig:
 
 
 @dataclass(frozen=True)
+class NodesConfig:
+    """``[nodes]``: node name = its ARI url (``pbx2 = "http://10.0.0.12:8088"``); read as ``nodes.ari``.
+    Where ``kasuhara supervise`` and the console reach the node a call id names (kasuhara_ari/nodes.py);
+    every node has the same ARI user (``ari.username``/``ari.password``)."""
+
+    ari: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus ``/metrics`` (kasuhara_ari/metrics.py). Off by default: every long-running command
     needs a port of its own, and a PBX host should not grow a listening port nobody asked for."""
@@ -411,6 +420,7 @@ class Config:
     care: CareConfig = field(default_factory=CareConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    nodes: NodesConfig = field(default_factory=NodesConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     source: str = field(default="", compare=False)
 
@@ -602,6 +612,7 @@ def _validate(cfg: Config) -> None:
             "training.pitch_cents: must be between 100 and 1200 cents up or down, "
             f"got {cfg.training.pitch_cents}"
         )
+    _validate_nodes(cfg.nodes)
     if any(ch in cfg.recording.asterisk_dir for ch in ",'\"\\ \n|;&$`"):
         raise ConfigError(
             "recording.asterisk_dir: must not contain commas, quotes, spaces or shell characters "
@@ -738,6 +749,20 @@ def _validate_care(care: CareConfig, agents: AgentsConfig) -> None:
             raise ConfigError(f"agents: {endpoint[:64]!r} is not an endpoint name (letters, digits, . _ -)")
 
 
+def _validate_nodes(nodes: NodesConfig) -> None:
+    """Each ``[nodes]`` entry a node name (as ``general.node``) and an ARI url without credentials in it."""
+    for name, url in nodes.ari.items():
+        if not is_safe_node_name(name):
+            raise ConfigError(
+                f"nodes: {name[:40]!r} is not a node name (letters, digits, _ and -, at most 32)"
+            )
+        if not url.startswith(("http://", "https://")) or "@" in url.split("/", 3)[2]:
+            raise ConfigError(
+                f"nodes.{name}: must be an http:// or https:// ARI url without credentials "
+                "(they are ari.username/ari.password)"
+            )
+
+
 def _validate_agi(agi: AgiConfig) -> None:
     """The FastAGI server's limits and allow-list (``kasuhara agi``)."""
     for name in ("max_sessions", "max_sessions_per_peer"):
@@ -783,6 +808,9 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
     # [agents] is a free table (endpoint = person): kept whole as agents.people.
     if isinstance(raw.get("agents"), dict) and "people" not in raw["agents"]:
         raw["agents"] = {"people": raw["agents"]}
+    # [nodes] likewise (node name = ARI url): kept whole as nodes.ari.
+    if isinstance(raw.get("nodes"), dict) and not isinstance(raw["nodes"].get("ari", ""), dict):
+        raw["nodes"] = {"ari": raw["nodes"]}
     values: dict[str, dict[str, Any]] = {}
     for sec_name, sec_value in raw.items():
         if sec_name not in _SECTIONS:

@@ -41,6 +41,7 @@ from .ari import CONNECTED, AriClient, AriError, ChannelGone
 from .callerid import CallerId, agent_label, mode_label, render
 from .config import Config, MqttConfig
 from .events import EventSink, build_payload, encode, mqtt_tls_context, topic_for
+from .nodes import node_for_call
 from .safe import safe_call_id
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,10 @@ class SupervisionSession:
         snoop_directions(mode)  # ValueError for an unknown mode
         self.cfg = cfg
         self.call_id = safe_call_id(call_id)
+        # The node that carries the call and its ARI (the id names it; kasuhara_ari/nodes.py): UnknownNode
+        # when the id names a node missing from [nodes].
+        self.node = node_for_call(cfg, self.call_id)
+        self.ari_url = self.node.ari_url
         self.mode = mode
         self.endpoint = endpoint
         self.events = events
@@ -104,7 +109,7 @@ class SupervisionSession:
         token = secrets.token_hex(4)
         self.app = f"{cfg.ari.app}-sv-{token}"
         self.ari = AriClient(
-            cfg.ari.url,
+            self.ari_url,
             cfg.ari.username,
             cfg.ari.password,
             self.app,
@@ -173,7 +178,7 @@ class SupervisionSession:
             try:
                 await asyncio.wait_for(self.connected.wait(), self.cfg.ari.request_timeout_s + 5)
             except TimeoutError:
-                raise SupervisionError(f"Asterisk's ARI at {self.cfg.ari.url} is not reachable") from None
+                raise SupervisionError(f"Asterisk's ARI at {self.ari_url} is not reachable") from None
             self.agent = await self._find_agent()
             await self.ari.request(
                 "POST",
@@ -189,6 +194,7 @@ class SupervisionSession:
                 supervisor=self.endpoint,
                 mode=self.mode,
                 by=self.by,
+                node=self.node.node,  # the call's node, not the one this command runs on
             )
             log.info(
                 "supervision event=started call_id=%s mode=%s supervisor=%s",
@@ -326,7 +332,12 @@ class SupervisionSession:
                 await self.ari.destroy_bridge(self.private_bridge)
         if self.started:
             self.events.emit(
-                "supervision_ended", self.call_id, supervisor=self.endpoint, mode=self.mode, reason=reason
+                "supervision_ended",
+                self.call_id,
+                supervisor=self.endpoint,
+                mode=self.mode,
+                reason=reason,
+                node=self.node.node,
             )
         log.info("supervision event=ended call_id=%s mode=%s reason=%s", self.call_id, self.mode, reason)
 

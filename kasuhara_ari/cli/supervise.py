@@ -10,6 +10,7 @@ import click
 
 from ..ari import AriError
 from ..events import EventSink, NullEvents
+from ..nodes import UnknownNode, node_for_call
 from ..safe import is_safe_call_id
 from ..supervision import MODES, SessionEvents, SupervisionError, SupervisionSession
 from .common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, config_option, load_config
@@ -44,7 +45,8 @@ def supervise(
 
     Runs until you hang up, the call ends, or Ctrl-C. The caller's recording is not touched: what you say
     is recorded only in barge mode, where the caller hears it. Exit codes: 0 the session ran and ended,
-    1 it could not start (no such call, your phone did not answer, Asterisk unreachable), 2 bad usage.
+    1 it could not start (no such call, your phone did not answer, Asterisk unreachable), 2 bad usage
+    (or the call id names a node missing from [nodes]: the node is the id's prefix, see README).
     """
     cfg = load_config(config_path)
     if not is_safe_call_id(call_id):
@@ -54,6 +56,11 @@ def supervise(
     if not chosen:
         click.echo("kasuhara: no --endpoint and no escalation.supervisors configured", err=True)
         raise SystemExit(EXIT_CONFIG)
+    try:
+        target = node_for_call(cfg, call_id)  # the node whose id prefix the call carries ([nodes])
+    except UnknownNode as exc:
+        click.echo(f"kasuhara: {exc}", err=True)
+        raise SystemExit(EXIT_CONFIG) from None
 
     async def main() -> int:
         publisher = SessionEvents(cfg.mqtt) if cfg.mqtt.enabled else None
@@ -64,7 +71,7 @@ def supervise(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        click.echo(f"ringing {chosen} to {mode} call {call_id} ...", err=True)
+        click.echo(f"ringing {chosen} to {mode} call {call_id} on node {target.node} ...", err=True)
         try:
             reason = await task
         except asyncio.CancelledError:

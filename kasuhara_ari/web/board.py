@@ -39,6 +39,7 @@ from ..config import MqttConfig
 from ..events import NullEvents, mqtt_tls_context
 from ..live import MAX_CALLS, MAX_NODES, MAX_PAYLOAD_BYTES, PAUSE_EVENTS, LiveBoard, LiveCall, parse_at
 from ..node import is_safe_node_name
+from ..nodes import UnknownNode, node_for_call
 from ..safe import clean_log_value, is_safe_call_id, load_untrusted_json, printable
 from ..storage import StorageError
 from ..supervision import MODES, SupervisionError, SupervisionSession
@@ -553,6 +554,11 @@ class BoardPages:
         )
         if not endpoint:
             return self._answer(request, 409, "join_no_phone")
+        try:  # the node that carries the call: its id names it, [nodes] says where its ARI is
+            node_for_call(self.c.cfg, call_id)
+        except UnknownNode as exc:
+            log.error("web event=supervise_unknown_node call_id=%s error=%s", call_id, clean_log_value(exc))
+            return self._answer(request, 409, "join_unknown_node")
         by = self.c.principal(session).name
         # Audited before the phone rings: a join that cannot be recorded does not happen.
         if self.c.store is not None and self.c.events is not None:
