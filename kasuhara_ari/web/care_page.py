@@ -100,7 +100,9 @@ class CarePages:
         )
         return self.c.render(request, "message.html", 502, message_key="care_failed", csrf=session.csrf)
 
-    async def page(self, request: Request) -> Response:
+    async def month_report(self, request: Request, fmt: str) -> tuple[Session, str, CareReport] | Response:
+        """The role check, the month asked for and its report (audited as ``care_report`` in ``fmt``), or
+        the answer that refuses them."""
         allowed = await self.c.require(request, "care_report")
         if not isinstance(allowed, Session):
             return allowed
@@ -108,9 +110,15 @@ class CarePages:
         if month is None:
             return self.bad_month(request, allowed)
         try:
-            rep = await self.report(self.c.desk(allowed), month, "html")
+            return allowed, month, await self.report(self.c.desk(allowed), month, fmt)
         except StorageError as exc:
             return self.storage_failed(request, allowed, exc)
+
+    async def page(self, request: Request) -> Response:
+        got = await self.month_report(request, "html")
+        if isinstance(got, Response):
+            return got
+        allowed, month, rep = got
         done = request.query_params.get("done", "")
         people = self.c.cfg.agents.people
         agents = sorted({*people, *(r.agent for r in rep.agents)})
@@ -134,16 +142,10 @@ class CarePages:
     async def chart(self, request: Request) -> Response:
         """The SVG chart as an image of the console (the console's CSP applies to it as to every answer:
         nothing in it can run)."""
-        allowed = await self.c.require(request, "care_report")
-        if not isinstance(allowed, Session):
-            return allowed
-        month = self.month(request)
-        if month is None:
-            return self.bad_month(request, allowed)
-        try:
-            rep = await self.report(self.c.desk(allowed), month, "svg")
-        except StorageError as exc:
-            return self.storage_failed(request, allowed, exc)
+        got = await self.month_report(request, "svg")
+        if isinstance(got, Response):
+            return got
+        _allowed, month, rep = got
         # Names from the config are made printable first (a bidi override would reverse the chart's text)
         # and short enough for the chart's label column.
         shown = CareReport(
@@ -163,16 +165,10 @@ class CarePages:
         )
 
     async def csv(self, request: Request) -> Response:
-        allowed = await self.c.require(request, "care_report")
-        if not isinstance(allowed, Session):
-            return allowed
-        month = self.month(request)
-        if month is None:
-            return self.bad_month(request, allowed)
-        try:
-            rep = await self.report(self.c.desk(allowed), month, "csv")
-        except StorageError as exc:
-            return self.storage_failed(request, allowed, exc)
+        got = await self.month_report(request, "csv")
+        if isinstance(got, Response):
+            return got
+        _allowed, month, rep = got
         return Response(
             rep.as_csv().encode("utf-8"),
             media_type="text/csv; charset=utf-8",

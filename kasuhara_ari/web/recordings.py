@@ -15,17 +15,16 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from ..evidence.desk import (
     PERMITS,
@@ -40,8 +39,10 @@ from ..evidence.desk import (
 from ..safe import clean_log_value, is_safe_call_id, printable
 from ..signing import SigningError, load_signer
 from ..storage import StorageError
+from .audio_stream import ClosingStream, Granting, RangeReader, file_blocks, ranged_audio
+from .audio_stream import blocks as stream_blocks
 from .console import Console, FormRejected
-from .playback import PlayGrant, PlayGrants, Unsatisfiable, parse_range
+from .playback import PlayGrant, PlayGrants
 from .sessions import Session
 from .waveform import Waveform, WaveformCache, compute_waveform, markers
 
@@ -51,67 +52,6 @@ log = logging.getLogger(__name__)
 REASON_MAX_CHARS = 500
 #: Outcomes a redirect back to the page may announce (``?done=``): fixed words, never user text.
 DONE_NOTICES = frozenset({"hold", "already_held", "release", "not_held"})
-FILE_BLOCK = 256 * 1024
-
-
-@runtime_checkable
-class RangeReader(Protocol):
-    """A store that can stream part of one object version (MinioStore, MemoryStore)."""
-
-    def read_range(
-        self, key: str, offset: int, length: int | None, *, version_id: str | None = None
-    ) -> AsyncIterator[bytes]: ...
-
-
-class ClosingStream(StreamingResponse):
-    """A streamed body whose generator is closed however the response ends (a client that goes away in
-    the middle of a seek must not leave an S3 response or a temporary file behind)."""
-
-    def __init__(self, blocks: AsyncGenerator[bytes, None], **kw: Any) -> None:
-        super().__init__(blocks, **kw)
-        self._blocks = blocks
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._blocks.aclose()
-
-
-async def _blocks(
-    reader: RangeReader, key: str, offset: int, length: int | None, version_id: str | None
-) -> AsyncGenerator[bytes, None]:
-    it = reader.read_range(key, offset, length, version_id=version_id)
-    try:
-        async for block in it:
-            yield block
-    finally:
-        aclose = getattr(it, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-async def _then(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-    try:
-        if first:
-            yield first
-        async for block in rest:
-            yield block
-    finally:
-        await rest.aclose()
-
-
-async def _file_blocks(path: Path, cleanup: Path) -> AsyncGenerator[bytes, None]:
-    """A file in blocks read in a thread; ``cleanup`` (its temporary directory) is removed at the end."""
-    try:
-        fh = await asyncio.to_thread(path.open, "rb")
-        try:
-            while block := await asyncio.to_thread(fh.read, FILE_BLOCK):
-                yield block
-        finally:
-            fh.close()
-    finally:
-        shutil.rmtree(cleanup, ignore_errors=True)
 
 
 def zone(name: str) -> ZoneInfo:
@@ -151,7 +91,7 @@ class RecordingPages:
     def __init__(self, console: Console) -> None:
         self.c = console
         self.grants = PlayGrants(console.clock)
-        self.granting: dict[tuple[str, str], asyncio.Lock] = {}
+        self.granting = Granting(self.grants)
         self.waveforms = WaveformCache()
         self.tz = zone(console.cfg.general.timezone)
 
@@ -337,49 +277,15 @@ class RecordingPages:
         cid = self.call_id(request)
         reader = self.reader()
         # One play record per session and call even when the browser opens two requests at once.
-        key = (allowed.id, cid)
-        lock = self.granting.setdefault(key, asyncio.Lock())
-        try:
-            async with lock:
-                grant = self.grants.get(allowed.id, cid)
-                if grant is None:
-                    made = await self.grant(request, allowed, cid)
-                    if isinstance(made, Response):
-                        return made
-                    grant = made
-        finally:
-            if not lock.locked():
-                self.granting.pop(key, None)
-        size, playable = grant.size, grant.playable
+        grant = await self.granting.get(allowed.id, cid, lambda: self.grant(request, allowed, cid))
+        if isinstance(grant, Response):
+            return grant
         # The version id names the bytes (S3 never changes a version): a strong validator for If-Range.
-        etag = '"' + re.sub(r"[^A-Za-z0-9._-]", "_", playable.version_id or "unversioned")[:128] + '"'
-        headers = {
-            "accept-ranges": "bytes",
-            "cache-control": "private, no-store",
-            "etag": etag,
-            "content-type": "audio/wav",
-        }
-        try:
-            wanted = parse_range(request.headers.get("range"), size)
-        except Unsatisfiable:
-            return Response(status_code=416, headers={**headers, "content-range": f"bytes */{size}"})
-        if_range = request.headers.get("if-range")
-        if wanted is not None and if_range is not None and if_range.strip() != etag:
-            wanted = None  # another version than the one the client has: the whole of this one
-        start, end = wanted if wanted is not None else (0, size - 1)
-        length = max(0, end - start + 1)
-        status = 206 if wanted is not None else 200
-        headers["content-length"] = str(length)
-        if wanted is not None:
-            headers["content-range"] = f"bytes {start}-{end}/{size}"
-        if request.method == "HEAD" or length == 0:
-            return Response(b"", status_code=status, headers=headers)
-        rest = _blocks(reader, playable.key, start, length, playable.version_id)
-        try:
-            first = await anext(rest, b"")
-        except StorageError as exc:
-            return self.failed(request, allowed, cid, exc)
-        return ClosingStream(_then(first, rest), status_code=status, headers=headers)
+        version = grant.playable.version_id or "unversioned"
+        etag = '"' + re.sub(r"[^A-Za-z0-9._-]", "_", version)[:128] + '"'
+        return await ranged_audio(
+            request, reader, grant, etag, lambda exc: self.failed(request, allowed, cid, exc)
+        )
 
     async def grant(self, request: Request, session: Session, cid: str) -> PlayGrant | Response:
         """The first audio request of a session for a call: ``play`` through the desk (on record before a
@@ -429,7 +335,7 @@ class RecordingPages:
                 size = info.size
 
                 async def compute() -> Waveform:
-                    blocks = _blocks(reader, pin.key, 0, None, pin.version_id)
+                    blocks = stream_blocks(reader, pin.key, 0, None, pin.version_id)
                     async with contextlib.aclosing(blocks):
                         return await compute_waveform(blocks, size, capture)
 
@@ -524,7 +430,7 @@ class RecordingPages:
             "x-kasuhara-sha256": got.sha256,
             "x-kasuhara-verification": got.outcome.value,
         }
-        return ClosingStream(_file_blocks(got.path, tmp), headers=headers, media_type="audio/wav")
+        return ClosingStream(file_blocks(got.path, tmp), headers=headers, media_type="audio/wav")
 
     async def export(self, request: Request) -> Response:
         """The evidence zip of this call (desk.export: manifest, SHA256SUMS, signed when a key is set)."""
@@ -558,7 +464,7 @@ class RecordingPages:
             "x-kasuhara-verification": exported.outcome.value,
             "x-kasuhara-signed": "yes" if signer is not None else "no",
         }
-        return ClosingStream(_file_blocks(out, tmp), headers=headers, media_type="application/zip")
+        return ClosingStream(file_blocks(out, tmp), headers=headers, media_type="application/zip")
 
     async def download_link(self, request: Request) -> Response:
         """A typed or bookmarked download URL: the role is refused here (403); an admin is sent to the

@@ -33,18 +33,10 @@ from ..safe import clean_log_value, is_safe_call_id
 from ..storage import StorageError
 from ..training.clipper import parse_offset
 from ..training.library import Clip, TrainingLibrary, clip_id_of, clip_keys
+from .audio_stream import ClosingStream, Granting, RangeReader, file_blocks, ranged_audio
 from .console import Console, FormRejected
-from .playback import PlayGrant, PlayGrants, Unsatisfiable, parse_range
-from .recordings import (
-    REASON_MAX_CHARS,
-    ClosingStream,
-    RangeReader,
-    _blocks,
-    _file_blocks,
-    _then,
-    local_time,
-    zone,
-)
+from .playback import PlayGrant, PlayGrants
+from .recordings import REASON_MAX_CHARS, local_time, zone
 from .sessions import Session
 
 log = logging.getLogger(__name__)
@@ -68,7 +60,7 @@ class TrainingPages:
     def __init__(self, console: Console) -> None:
         self.c = console
         self.grants = PlayGrants(console.clock)
-        self.granting: dict[tuple[str, str], asyncio.Lock] = {}
+        self.granting = Granting(self.grants)
         self.tz = zone(console.cfg.general.timezone)
 
     def library(self, session: Session) -> TrainingLibrary:
@@ -175,48 +167,11 @@ class TrainingPages:
             raise HTTPException(503)
         if not isinstance(store, RangeReader):
             raise HTTPException(501)
-        key = (allowed.id, cid)
-        lock = self.granting.setdefault(key, asyncio.Lock())
-        try:
-            async with lock:
-                grant = self.grants.get(allowed.id, cid)
-                if grant is None:
-                    made = await self.grant(request, allowed, cid)
-                    if isinstance(made, Response):
-                        return made
-                    grant = made
-        finally:
-            if not lock.locked():
-                self.granting.pop(key, None)
-        size, playable = grant.size, grant.playable
-        etag = f'"{playable.sha256}"'  # a clip is written once: its sha256 names its bytes
-        headers = {
-            "accept-ranges": "bytes",
-            "cache-control": "private, no-store",
-            "etag": etag,
-            "content-type": "audio/wav",
-        }
-        try:
-            wanted = parse_range(request.headers.get("range"), size)
-        except Unsatisfiable:
-            return Response(status_code=416, headers={**headers, "content-range": f"bytes */{size}"})
-        if_range = request.headers.get("if-range")
-        if wanted is not None and if_range is not None and if_range.strip() != etag:
-            wanted = None
-        start, end = wanted if wanted is not None else (0, size - 1)
-        length = max(0, end - start + 1)
-        status = 206 if wanted is not None else 200
-        headers["content-length"] = str(length)
-        if wanted is not None:
-            headers["content-range"] = f"bytes {start}-{end}/{size}"
-        if request.method == "HEAD" or length == 0:
-            return Response(b"", status_code=status, headers=headers)
-        rest = _blocks(store, playable.key, start, length, None)
-        try:
-            first = await anext(rest, b"")
-        except StorageError as exc:
-            return self.failed(request, allowed, exc)
-        return ClosingStream(_then(first, rest), status_code=status, headers=headers)
+        grant = await self.granting.get(allowed.id, cid, lambda: self.grant(request, allowed, cid))
+        if isinstance(grant, Response):
+            return grant
+        etag = f'"{grant.playable.sha256}"'  # a clip is written once: its sha256 names its bytes
+        return await ranged_audio(request, store, grant, etag, lambda exc: self.failed(request, allowed, exc))
 
     async def grant(self, request: Request, session: Session, cid: str) -> PlayGrant | Response:
         """The first audio request of a session for a clip: ``library.play`` (``training_play`` on
@@ -275,7 +230,7 @@ class TrainingPages:
             "content-length": str(size),
             "cache-control": "private, no-store",
         }
-        return ClosingStream(_file_blocks(out, tmp), headers=headers, media_type="application/zip")
+        return ClosingStream(file_blocks(out, tmp), headers=headers, media_type="application/zip")
 
     async def add(self, request: Request) -> Response:
         """A clip from the recording page (``library.add``: held or flagged calls only; the title and
