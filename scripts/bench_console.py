@@ -72,7 +72,8 @@ RECORD_ROWS = """
       if (seen.get(tr.dataset.callId) !== key) {
         const first = !seen.has(tr.dataset.callId);
         seen.set(tr.dataset.callId, key);
-        window.__rows.push({call: tr.dataset.callId, first, at: tr.dataset.at, t: now});
+        const d = tr.dataset;
+        window.__rows.push({call: d.callId, first, at: d.at, sent: d.sent, t: now});
       }
     }
     for (const id of Array.from(seen.keys())) {
@@ -323,6 +324,8 @@ class Run:
     appear_ms: list[float] = field(default_factory=list)
     #: Delay of every row change (first row and each later state/badge change).
     change_ms: list[float] = field(default_factory=list)
+    #: Of that, the part up to the console writing the change to the stream (serve, mosquitto, console).
+    console_ms: list[float] = field(default_factory=list)
     #: Per browser: how many of the calls placed it showed, and rows left after the calls ended.
     seen: list[int] = field(default_factory=list)
     left: list[int] = field(default_factory=list)
@@ -396,6 +399,9 @@ async def one_run(
                 continue
             delay_ms = float(row["t"]) - 1000 * at
             run.change_ms.append(delay_ms)
+            sent = at_seconds(row.get("sent") or "")
+            if sent is not None:  # the console's part: event `at` → the change written to the stream
+                run.console_ms.append(1000 * (sent - at))
             if row.get("first"):
                 run.appear_ms.append(delay_ms)
         run.seen.append(len(calls))
@@ -434,19 +440,21 @@ def section(meta: dict[str, Any], idle: dict[str, Any], runs: list[Run]) -> str:
         f"{idle['chromium_avg']:.1f} %.",
         "",
         "| sessions | concurrent calls | calls ok | recordings ok | appear p50 / p95 / p99 / max (ms) | "
-        "every change p50 / p99 (ms) | calls seen per session | rows left (boards empty after) | "
+        "every change p50 / p99 (ms) | of it, up to the stream p50 / p99 (ms) | calls seen per session | "
+        "rows left (boards empty after) | "
         "console CPU avg / peak | "
         "console RSS peak | Chromium CPU | Asterisk | app |",
-        "|---:|---:|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
+        "|---:|---:|---|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in runs:
         seen = f"{min(r.seen)}–{max(r.seen)} of {r.attempted}" if r.seen else "–"
         appear = " / ".join(pct(r.appear_ms, q) for q in (50, 95, 99, 100))
         change = " / ".join(pct(r.change_ms, q) for q in (50, 99))
+        server = " / ".join(pct(r.console_ms, q) for q in (50, 99))
         lines.append(
             f"| {r.browsers} | {r.level} | {r.completed}/{r.attempted} | {r.rec_ok}/{r.attempted} | "
             f"{appear} | "
-            f"{change} | {seen} | {sum(r.left)} ({r.settle_s:.1f} s) | "
+            f"{change} | {server} | {seen} | {sum(r.left)} ({r.settle_s:.1f} s) | "
             f"{r.console_avg:.0f} % / {r.console_peak:.0f} % | "
             f"{fmt_mib(r.console_rss_peak_mib)} | {r.chromium_avg:.0f} % | {r.asterisk_avg:.0f} % | "
             f"{r.app_avg:.0f} % |"

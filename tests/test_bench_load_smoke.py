@@ -88,5 +88,6 @@ def test_bench_console_runs_with_two_sessions_and_every_call_reaches_every_board
     assert (run["browsers"], run["attempted"], run["completed"], run["rec_ok"]) == (2, 2, 2, 2), run
     assert run["seen"] == [2, 2] and run["left"] == [0, 0], run
     assert len(run["appear_ms"]) == 4 and all(-1000 < d < 60_000 for d in run["appear_ms"]), run
+    assert len(run["console_ms"]) == len(run["change_ms"]) >= 4, run  # the console stamps what it sends
     assert saved["idle"]["browsers"] == 2 and run["console_rss_peak_mib"] > 0, saved
     assert (REPO / "docs" / "benchmarks.md").read_bytes() == doc_before

@@ -230,7 +230,10 @@ class BoardFeed:
                 log.warning("web event=board_client_dropped reason=slow queued=%d", CLIENT_QUEUE)
 
     def _changed(self, call: LiveCall) -> None:
-        self._send(lambda masked: sse("call", call_row(call, masked=masked)))
+        # `sent`: when the console passed the change on (the browser's DOM time minus `at` is the whole
+        # path; `sent` − `at` the part before the browser: scripts/bench_console.py reports both).
+        sent = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        self._send(lambda masked: sse("call", {**call_row(call, masked=masked), "sent": sent}))
 
     def _gone(self, call_id: str) -> None:
         self._send(lambda masked: sse("gone", {"call_id": call_id}))

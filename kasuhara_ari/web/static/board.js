@@ -111,6 +111,7 @@
     tr.dataset.callId = call.call_id;
     tr.dataset.state = call.state;
     tr.dataset.at = call.at || "";
+    tr.dataset.sent = call.sent || "";
     tr.dataset.badges = call.badges.join(" ");
     if (call.alert) {
       tr.classList.add("alert");
