@@ -4,7 +4,8 @@
 One ``kasuhara serve`` (the load benchmark's ``App``: its own Stasis app, spool, bucket and MQTT prefix)
 carries real SIPp calls through the stack's Asterisk; one ``kasuhara web`` subscribes to that prefix; headless
 Debian Chromium opens the sessions on the board (one browser process, one context and login each). For each
-run of ``--runs`` (``BROWSERS×CALLS``, default ``1x100,20x100``: the same load seen by one screen, then by 20)
+run of ``--runs`` (``BROWSERSxCALLS[+STREAMS]``, default ``1x100,1x100+19,20x100``: the same load seen by
+one screen, by one screen and 19 plain SSE sessions, then by 20 screens)
 the load is ``bench_load.run_level`` itself (2 waves × the level, at most the level at once, 20-s calls), and:
 
 - **board latency**: every change of a row in every browser is stamped with the browser's clock by a
@@ -22,7 +23,7 @@ Background-tab throttling is switched off in Chromium: each session stands for a
 screen, not a hidden tab. Results are printed, saved as JSON in the work directory and, with ``--write``,
 replace the "Console: the live board under load" section of ``docs/benchmarks.md``.
 
-    .venv/bin/python scripts/bench_console.py [--runs 1x100,20x100] [--call-s 20] [--write]
+    .venv/bin/python scripts/bench_console.py [--runs 1x100,1x100+19,20x100] [--call-s 20] [--write]
     .venv/bin/python scripts/bench_console.py --runs 3x10 --call-s 5          # a quick look
 
 Needs the local stack (``scripts/stack up``), root (SIPp RTP), SIPp and Debian's chromium.
@@ -35,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,6 +312,53 @@ def at_seconds(at: str) -> float | None:
         return None
 
 
+class SseSession:
+    """A board session without a browser: logs in like one, reads ``/board/stream`` and notes when each
+    change of a call arrives (the console's work for one more screen, without a renderer on the box)."""
+
+    def __init__(self, url: str) -> None:
+        timeout = httpx.Timeout(10, read=None)
+        self.http = httpx.AsyncClient(base_url=url, timeout=timeout, headers={"origin": url})
+        self.delays_ms: list[float] = []
+        self.calls: set[str] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        page = await self.http.get("/login")
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        if token is None:
+            raise RuntimeError("no CSRF token on /login")
+        form = {"csrf": token.group(1), "username": VIEWER, "password": VIEWER_PW}
+        done = await self.http.post("/login", data=form)
+        if done.status_code not in (200, 303):
+            raise RuntimeError(f"login: {done.status_code}")
+        opened = asyncio.Event()
+        self.task = asyncio.create_task(self._read(opened))
+        await asyncio.wait_for(opened.wait(), 30)
+
+    async def _read(self, opened: asyncio.Event) -> None:
+        async with self.http.stream("GET", "/board/stream") as resp:
+            opened.set()
+            kind = ""
+            async for line in resp.aiter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: ") and kind == "call":
+                    now = time.time()
+                    data = json.loads(line[6:])
+                    at = at_seconds(data.get("at") or "")
+                    self.calls.add(str(data.get("call_id")))
+                    if at is not None:
+                        self.delays_ms.append(1000 * (now - at))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await self.task
+        await self.http.aclose()
+
+
 # ---------------------------------------------------------------------------------------------- a run
 
 
@@ -337,6 +386,11 @@ class Run:
     asterisk_avg: float = 0.0
     app_avg: float = 0.0
     wall_s: float = 0.0
+    #: Plain SSE sessions besides the browsers (the console's cost of N sessions without N renderers).
+    streams: int = 0
+    #: Their delay from the event's `at` to the change arriving at the client (every change).
+    stream_ms: list[float] = field(default_factory=list)
+    stream_seen: list[int] = field(default_factory=list)
     #: Seconds from the end of the load until every board was empty (SETTLE_S: some never were).
     settle_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -440,21 +494,23 @@ def section(meta: dict[str, Any], idle: dict[str, Any], runs: list[Run]) -> str:
         f"{idle['chromium_avg']:.1f} %.",
         "",
         "| sessions | concurrent calls | calls ok | recordings ok | appear p50 / p95 / p99 / max (ms) | "
-        "every change p50 / p99 (ms) | of it, up to the stream p50 / p99 (ms) | calls seen per session | "
+        "every change p50 / p99 (ms) | of it, up to the stream p50 / p99 (ms) | plain streams: n, "
+        "every change p50 / p99 (ms) | calls seen per session | "
         "rows left (boards empty after) | "
         "console CPU avg / peak | "
         "console RSS peak | Chromium CPU | Asterisk | app |",
-        "|---:|---:|---|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
+        "|---:|---:|---|---|---|---|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in runs:
         seen = f"{min(r.seen)}–{max(r.seen)} of {r.attempted}" if r.seen else "–"
         appear = " / ".join(pct(r.appear_ms, q) for q in (50, 95, 99, 100))
         change = " / ".join(pct(r.change_ms, q) for q in (50, 99))
         server = " / ".join(pct(r.console_ms, q) for q in (50, 99))
+        plain = f"{r.streams}, " + " / ".join(pct(r.stream_ms, q) for q in (50, 99)) if r.streams else "–"
         lines.append(
             f"| {r.browsers} | {r.level} | {r.completed}/{r.attempted} | {r.rec_ok}/{r.attempted} | "
             f"{appear} | "
-            f"{change} | {server} | {seen} | {sum(r.left)} ({r.settle_s:.1f} s) | "
+            f"{change} | {server} | {plain} | {seen} | {sum(r.left)} ({r.settle_s:.1f} s) | "
             f"{r.console_avg:.0f} % / {r.console_peak:.0f} % | "
             f"{fmt_mib(r.console_rss_peak_mib)} | {r.chromium_avg:.0f} % | {r.asterisk_avg:.0f} % | "
             f"{r.app_avg:.0f} % |"
@@ -492,16 +548,18 @@ def write_section(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def parse_runs(text: str) -> list[tuple[int, int]]:
+def parse_runs(text: str) -> list[tuple[int, int, int]]:
+    """``BROWSERSxCALLS[+STREAMS]``: Chromium sessions, concurrent calls, plain SSE sessions besides."""
     runs = []
     for part in text.split(","):
         try:
-            b, c = part.lower().split("x")
-            runs.append((int(b), int(c)))
+            head, _, extra = part.lower().partition("+")
+            b, c = head.split("x")
+            runs.append((int(b), int(c), int(extra or 0)))
         except ValueError:
-            raise SystemExit(f"--runs: {part!r} is not BROWSERSxCALLS (e.g. 20x100)") from None
-        if runs[-1][0] < 1 or runs[-1][1] < 1:
-            raise SystemExit(f"--runs: {part!r}: both numbers must be at least 1")
+            raise SystemExit(f"--runs: {part!r} is not BROWSERSxCALLS[+STREAMS] (e.g. 1x100+19)") from None
+        if runs[-1][0] < 1 or runs[-1][1] < 1 or runs[-1][2] < 0:
+            raise SystemExit(f"--runs: {part!r}: browsers and calls at least 1, streams at least 0")
     return runs
 
 
@@ -536,8 +594,8 @@ async def bench(args: argparse.Namespace) -> int:
                 ],
             )
             pages: list[Any] = []
-            most = max(b for b, _ in runs_wanted)
-            for browsers, level in runs_wanted:
+            most = max(b for b, _, _ in runs_wanted)
+            for browsers, level, streams in runs_wanted:
                 while len(pages) < browsers:
                     pages.append(await open_board(browser, console.url))
                 if most == browsers and not idle:
@@ -554,8 +612,21 @@ async def bench(args: argparse.Namespace) -> int:
                 active = pages[:browsers]
                 for page in active:
                     await page.evaluate(DRAIN_ROWS)
-                print(f"bench_console: {browsers} sessions × {level} calls …", flush=True)
-                r = await one_run(args, cfg, sampler, cost, workdir, app, active, level)
+                print(
+                    f"bench_console: {browsers} sessions (+{streams} streams) × {level} calls …", flush=True
+                )
+                sse = [SseSession(console.url) for _ in range(streams)]
+                for session in sse:
+                    await session.start()
+                try:
+                    r = await one_run(args, cfg, sampler, cost, workdir, app, active, level)
+                finally:
+                    for session in sse:
+                        await session.stop()
+                r.streams = streams
+                for session in sse:
+                    r.stream_ms += session.delays_ms
+                    r.stream_seen.append(len(session.calls))
                 runs.append(r)
                 print(
                     f"bench_console:   {r.completed}/{r.attempted} calls, "
@@ -594,13 +665,23 @@ async def bench(args: argparse.Namespace) -> int:
         write_section(REPO / "docs" / "benchmarks.md", text)
         print("bench_console: docs/benchmarks.md updated")
     # A call a session never showed, or a row left after the calls ended, is a defect, not a latency.
-    bad = [r for r in runs if sum(r.left) or (r.seen and min(r.seen) < r.completed)]
+    bad = [
+        r
+        for r in runs
+        if sum(r.left)
+        or (r.seen and min(r.seen) < r.completed)
+        or (r.stream_seen and min(r.stream_seen) < r.completed)
+    ]
     return 1 if bad or console.tracebacks() else 0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="1x100,20x100", help="BROWSERSxCALLS,… (default 1x100,20x100)")
+    ap.add_argument(
+        "--runs",
+        default="1x100,1x100+19,20x100",
+        help="BROWSERSxCALLS[+STREAMS],… (default 1x100,1x100+19,20x100)",
+    )
     ap.add_argument("--waves", type=int, default=2, help="calls per run = waves × level (default 2)")
     ap.add_argument("--call-s", type=float, default=20.0, help="answered time per call (default 20)")
     ap.add_argument("--idle-s", type=float, default=20.0, help="idle phase, sessions open (default 20)")

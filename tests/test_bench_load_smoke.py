@@ -67,14 +67,15 @@ def test_bench_load_runs_at_a_tiny_level(
 def test_bench_console_runs_with_two_sessions_and_every_call_reaches_every_board(
     asterisk: Config, s3_server: Config, mqtt_broker: Config, tmp_path: Path
 ) -> None:
-    """scripts/bench_console.py at 2 sessions × 2 calls: it exits 0 only if each session showed every call
-    and no row stayed after the calls ended, and it measured one delay per call and session."""
+    """scripts/bench_console.py at 2 browser sessions and one plain SSE session × 2 calls: it exits 0 only if
+    each session showed every call and no row stayed after the calls ended, and it measured one delay per
+    call and session."""
     doc_before = (REPO / "docs" / "benchmarks.md").read_bytes()
     proc = subprocess.run(
         [
             sys.executable,
             str(REPO / "scripts" / "bench_console.py"),
-            *("--runs", "2x2", "--waves", "1", "--call-s", "8", "--idle-s", "1", "--pause", "0"),
+            *("--runs", "2x2+1", "--waves", "1", "--call-s", "8", "--idle-s", "1", "--pause", "0"),
             *("--config", str(STACK_CONFIG), "--workdir", str(tmp_path)),
         ],
         capture_output=True,
@@ -89,5 +90,6 @@ def test_bench_console_runs_with_two_sessions_and_every_call_reaches_every_board
     assert run["seen"] == [2, 2] and run["left"] == [0, 0], run
     assert len(run["appear_ms"]) == 4 and all(-1000 < d < 60_000 for d in run["appear_ms"]), run
     assert len(run["console_ms"]) == len(run["change_ms"]) >= 4, run  # the console stamps what it sends
+    assert run["streams"] == 1 and run["stream_seen"] == [2] and len(run["stream_ms"]) >= 2, run
     assert saved["idle"]["browsers"] == 2 and run["console_rss_peak_mib"] > 0, saved
     assert (REPO / "docs" / "benchmarks.md").read_bytes() == doc_before
