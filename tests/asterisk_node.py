@@ -124,6 +124,11 @@ context = from-agents
             )
 
     def rx(self, command: str, timeout: float = 10) -> str:
+        # Without its own asterisk.conf, `asterisk -C` falls back to the built-in defaults, whose control
+        # socket is the STACK's Asterisk: a `core stop now` meant for this node would stop the shared one
+        # (it did, once, mid-CI: 54 tests then found no Asterisk).
+        if not (self.etc / "asterisk.conf").is_file():
+            raise RuntimeError(f"node {self.name}: no {self.etc / 'asterisk.conf'}: not sending {command!r}")
         done = subprocess.run(
             [
                 "chroot",
@@ -131,6 +136,8 @@ context = from-agents
                 "/usr/sbin/asterisk",
                 "-C",
                 f"{self.inside}/etc/asterisk.conf",
+                "-s",  # this node's control socket, named: never the default one (the stack's)
+                f"{self.inside}/run/asterisk.ctl",
                 "-rx",
                 command,
             ],
@@ -163,7 +170,10 @@ context = from-agents
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.rx("core stop now", timeout=10)
+        if (self.home / "run" / "asterisk.ctl").exists() and (self.etc / "asterisk.conf").is_file():
+            self.rx("core stop now", timeout=10)
+        else:  # its control socket is gone: never ask through one that may be another Asterisk's
+            self.proc.terminate()
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
