@@ -61,8 +61,26 @@ def agent_port() -> int:
 
 
 def rtp_base() -> int:
-    """RTP ports for one SIPp instance (kept off Asterisk's 20000-29999)."""
-    return free_udp_port(30000, 59000) & ~1
+    """Four UDP ports (audio and video RTP and RTCP) for one SIPp instance, from this worker's slice of
+    10000-14999: off Asterisk's 20000-29999, the callers' SIP ports 15000-15999, and the kernel's ephemeral
+    range (32768-60999), where any socket bound to port 0 on the box (a detector's media socket, another
+    SIPp's) could take a port checked free a moment before: a CI run lost a call to `Unable to bind audio
+    RTP socket ... port=35398 ... Address already in use` when the range was 30000-59000."""
+    lo, hi = worker_slice(10000, 14999)
+    for _ in range(200):
+        base = random.randint(lo, hi - 3) & ~3
+        ports = range(base, base + 4)
+        if base < lo or any(p in _used_ports for p in ports):
+            continue
+        try:
+            for p in ports:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        _used_ports.update(ports)
+        return base
+    raise RuntimeError(f"no four free UDP ports in {lo}-{hi}")
 
 
 class Phone:
