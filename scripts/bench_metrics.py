@@ -288,8 +288,9 @@ def section(
     lines = [
         f"## Metrics (issue 17, {datetime.now(UTC):%Y-%m-%d})",
         "",
-        f"`scripts/bench_metrics.py` on this shared box ({os.cpu_count()} cores, {cpu}; other engineers'",
-        f"tests ran beside it). prometheus_client {version('prometheus_client')}, the app's own registry,",
+        f"`scripts/bench_metrics.py {' '.join(sys.argv[1:]).replace(' --write', '')}` on this box "
+        f"({os.cpu_count()} cores, {cpu}; {datetime.now(UTC):%H:%M} UTC).",
+        f"prometheus_client {version('prometheus_client')}, the app's own registry,",
         "no `_created` series.",
         "",
         "Hook cost (in-process, mean of 200 000):",
