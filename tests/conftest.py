@@ -87,6 +87,15 @@ def stack_cfg() -> Config:
 
 @pytest.fixture(scope="session")
 def asterisk(stack_cfg: Config) -> Config:
+    """The stack's Asterisk, checked once per worker. The check holds the shared Asterisk lock: a session
+    fixture is set up before the test's lock fixture, and without it a worker whose first Asterisk test
+    started while an ``asterisk_alone`` test had Asterisk stopped (test_asterisk_down) found it down, and
+    the cached failure errored every later Asterisk test of that worker (two CI runs: 47 and 54 errors)."""
+    with asterisk_lock(alone=False):
+        return _checked_asterisk(stack_cfg)
+
+
+def _checked_asterisk(stack_cfg: Config) -> Config:
     import httpx
 
     try:
