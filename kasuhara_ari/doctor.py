@@ -57,6 +57,7 @@ async def _check_ari_listen(cfg: Config) -> Check:
 #: Asterisk modules the app needs beyond ARI itself, and the setting that needs them.
 NEEDED_MODULES = {
     "app_mixmonitor.so": None,
+    "chan_bridge_media.so": None,  # prompts played into a bridge (warnings, time limit) go through it
     "res_stasis_snoop.so": None,  # kasuhara supervise (listen, whisper)
     "func_talkdetect.so": "detection.mode",  # live detection (TALK_DETECT)
     "chan_rtp.so": "detection.loudness",  # the caller's audio to the app (ARI externalMedia = UnicastRTP)
@@ -124,7 +125,22 @@ async def check_ami(cfg: Config) -> Check:
                     f"{ami.address}: user {cfg.ami.username!r} may not run MixMonitor "
                     "(manager.conf needs write=system,call)",
                 )
-        return Check("ami", True, f"{ami.address} logged in; MixMonitor allowed")
+        allowed = "MixMonitor"
+        if cfg.care.cooldown:
+            # The recovery pause: QueuePause needs the `agent` write class (an unknown interface is
+            # refused for that, not for the permission).
+            try:
+                await ami.action({"Action": "QueuePause", "Interface": probe, "Paused": "false"})
+            except AmiError as exc:
+                if "permission" in str(exc).lower():
+                    return Check(
+                        "ami",
+                        False,
+                        f"{ami.address}: user {cfg.ami.username!r} may not run QueuePause for care.cooldown "
+                        "(manager.conf needs write=system,call,agent)",
+                    )
+            allowed += ", QueuePause"
+        return Check("ami", True, f"{ami.address} logged in; {allowed} allowed")
     except AmiError as exc:
         return Check("ami", False, str(exc))
     finally:

@@ -256,6 +256,8 @@ async def test_a_real_call_runs_on_the_installed_dropins_and_uninstall_takes_the
     # doctor checks the modules the app needs on the node it is configured for.
     doctor = json.loads(kasuhara(config, "doctor", "--json").stdout)
     assert doctor["ari"]["ok"] and doctor["ami"]["ok"], doctor
+    # The installed AMI user has the classes the app's actions need (MixMonitor; QueuePause for care).
+    assert "MixMonitor, QueuePause allowed" in doctor["ami"]["detail"], doctor["ami"]
     node.rx("module unload func_talkdetect.so")
     doctor = json.loads(kasuhara(config, "doctor", "--json").stdout)
     assert not doctor["ari"]["ok"] and "func_talkdetect.so (for detection.mode)" in doctor["ari"]["detail"]
