@@ -91,6 +91,11 @@ def asterisk(stack_cfg: Config) -> Config:
     fixture is set up before the test's lock fixture, and without it a worker whose first Asterisk test
     started while an ``asterisk_alone`` test had Asterisk stopped (test_asterisk_down) found it down, and
     the cached failure errored every later Asterisk test of that worker (two CI runs: 47 and 54 errors)."""
+    return asterisk_checked(stack_cfg)
+
+
+def asterisk_checked(stack_cfg: Config) -> Config:
+    """The check of the ``asterisk`` fixture, under the shared Asterisk lock (tests/test_suite_lock.py)."""
     with asterisk_lock(alone=False):
         return _checked_asterisk(stack_cfg)
 
