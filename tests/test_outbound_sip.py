@@ -11,7 +11,7 @@ import pytest
 
 from kasuhara_ari.config import Config
 
-from audio import contains_at_start, duration_s, header_is_final
+from audio import contains_in_pieces, duration_s, header_is_final
 from conftest import with_real_notice
 from sip import agent_port, answering, caller
 from test_inbound_sip import NOTICE_JA, event_names, wait_for_calls, wait_for_files
@@ -60,9 +60,13 @@ async def test_outbound_call_customer_hears_notice_then_agent(
     assert header_is_final(audio)
     # recorded from the customer's answer: notice + 6 s of talk
     assert abs(duration_s(audio) - (duration_s(NOTICE_JA) + 6.0)) < 1.5, duration_s(audio)
-    # The notice, not any sound as long: other prompts of similar length score clearly lower.
-    score, offset = contains_at_start(audio, NOTICE_JA)
-    control = max(contains_at_start(audio, NOTICE_JA.with_name(n))[0] for n in ("warning.wav", "refused.wav"))
+    # The notice, not any sound as long: other prompts of similar length score clearly lower. Piece by
+    # piece (tests/audio.py): on a loaded box the recording has short gaps and drifts, and the whole-prompt
+    # correlation this test used fell to 0.44 and 0.54 in two CI runs although the notice was there.
+    score, offset = contains_in_pieces(audio, NOTICE_JA)
+    control = max(
+        contains_in_pieces(audio, NOTICE_JA.with_name(n))[0] for n in ("warning.wav", "refused.wav")
+    )
     assert score > 0.6, score
     assert score > control + 0.3, (score, control)
     assert offset < 1.0
