@@ -29,7 +29,7 @@ from ..evidence.desk import EvidenceDesk
 from ..safe import clean_log_value, printable
 from ..search import Filters, local_midnight
 from ..storage import StorageError
-from .console import Console, FormRejected
+from .console import Console
 from .i18n import MESSAGES
 from .recordings import zone
 from .sessions import Session
@@ -180,13 +180,10 @@ class CarePages:
 
     async def note(self, request: Request) -> Response:
         """A manager's follow-up, as ``kasuhara care note`` writes it (audited ``care_note``)."""
-        allowed = await self.c.require(request, "care_note")
-        if not isinstance(allowed, Session):
-            return allowed
-        try:
-            form = await self.c.checked_form(request, allowed)
-        except FormRejected as exc:
-            return self.c.rejected(request, exc)
+        posted = await self.c.posted(request, "care_note")
+        if isinstance(posted, Response):
+            return posted
+        allowed, form = posted
         month = form.get("month", "")
         back = month if month_bounds(month) is not None else datetime.now(self.tz).strftime("%Y-%m")
         agent = form.get("agent", "").strip()
@@ -220,13 +217,10 @@ class CarePages:
     async def resume(self, request: Request) -> Response:
         """End an agent's recovery pause from the board: ``resume_remote``, as ``kasuhara care resume``
         (AMI and MQTT of its own; the service sees the AstDB entry gone), audited ``care_resume``."""
-        allowed = await self.c.require(request, "care_resume")
-        if not isinstance(allowed, Session):
-            return allowed
-        try:
-            form = await self.c.checked_form(request, allowed)
-        except FormRejected as exc:
-            return self.c.rejected(request, exc)
+        posted = await self.c.posted(request, "care_resume")
+        if isinstance(posted, Response):
+            return posted
+        allowed, form = posted
         agent = form.get("agent", "").strip()
         people = self.c.cfg.agents.people
         try:

@@ -220,6 +220,17 @@ class Console:
             raise FormRejected(403, "csrf")
         return form
 
+    async def posted(self, request: Request, action: str) -> tuple[Session, dict[str, str]] | Response:
+        """A state change's checks in one place: the role for ``action``, then CSRF and origin; the
+        session and the form, or the answer that refuses them."""
+        allowed = await self.require(request, action)
+        if not isinstance(allowed, Session):
+            return allowed
+        try:
+            return allowed, await self.checked_form(request, allowed)
+        except FormRejected as exc:
+            return self.rejected(request, exc)
+
     def rejected(self, request: Request, exc: FormRejected) -> HTMLResponse:
         log.warning(
             "web event=request_refused reason=%s path=%s address=%s",

@@ -199,13 +199,10 @@ class TrainingPages:
 
     async def export(self, request: Request) -> Response:
         """A zip of the ticked clips (``library.export``: WAV + metadata each, SHA256SUMS, manifest)."""
-        allowed = await self.c.require(request, "training_export")
-        if not isinstance(allowed, Session):
-            return allowed
-        try:
-            form = await self.c.checked_form(request, allowed)
-        except FormRejected as exc:
-            return self.c.rejected(request, exc)
+        posted = await self.c.posted(request, "training_export")
+        if isinstance(posted, Response):
+            return posted
+        allowed, form = posted
         try:
             ticked = [k.removeprefix("clip-") for k, v in form.items() if k.startswith("clip-") and v]
             ids = [clip_id_of(c) for c in ticked]
