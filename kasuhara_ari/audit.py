@@ -36,7 +36,7 @@ from typing import Any, Self
 
 import aiomqtt
 
-from . import metrics
+from . import metrics, mqtt_client
 from .config import Config, MqttConfig
 from .events import (
     EventNameError,
@@ -1011,7 +1011,7 @@ class CommandEvents:
 
     async def _run(self) -> None:
         try:
-            async with aiomqtt.Client(
+            async with mqtt_client.Client(
                 self._cfg.host,
                 self._cfg.port,
                 username=self._cfg.username or None,

@@ -152,8 +152,10 @@ async def check_mqtt(cfg: Config) -> Check:
         return Check("mqtt", True, "disabled (mqtt.enabled = false)")
     import aiomqtt
 
+    from . import mqtt_client
+
     try:
-        async with aiomqtt.Client(
+        async with mqtt_client.Client(
             cfg.mqtt.host,
             cfg.mqtt.port,
             username=cfg.mqtt.username or None,

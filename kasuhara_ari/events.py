@@ -70,6 +70,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 import aiomqtt
 
+from kasuhara_ari import mqtt_client
 from kasuhara_ari.config import MqttConfig
 from kasuhara_ari.live import MAX_CALLS as LIVE_MAX_CALLS
 from kasuhara_ari.live import LiveBoard
@@ -705,7 +706,7 @@ class MqttEvents:
         """One connection: online, drain until closing, offline. Raises MqttError when it breaks."""
         self._connected_once_in_session = False
         connected_at = now_iso()
-        client = aiomqtt.Client(
+        client = mqtt_client.Client(
             self._host,
             self._port,
             username=self._username or None,

@@ -37,6 +37,7 @@ from typing import Any
 
 import aiomqtt
 
+from . import mqtt_client
 from .ari import CONNECTED, AriClient, AriError, ChannelGone
 from .callerid import CallerId, agent_label, mode_label, render
 from .config import Config, MqttConfig
@@ -381,7 +382,7 @@ class SessionEvents:
 
     @contextlib.asynccontextmanager
     async def _client(self) -> AsyncIterator[aiomqtt.Client]:
-        async with aiomqtt.Client(
+        async with mqtt_client.Client(
             self.cfg.host,
             self.cfg.port,
             username=self.cfg.username or None,

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import aiomqtt
 import click
 
+from .. import mqtt_client
 from ..config import Config
 from ..events import mqtt_tls_context
 from ..live import MAX_DURATION_S, MAX_PAYLOAD_BYTES, LiveBoard, LiveCall, parse_at
@@ -304,7 +305,7 @@ async def watch(
     delay = 0.5
     while True:
         try:
-            async with aiomqtt.Client(
+            async with mqtt_client.Client(
                 mqtt.host,
                 mqtt.port,
                 username=mqtt.username or None,

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from .. import mqtt_client
 from ..accounts import Role
 from ..audit import AuditLog
 from ..config import MqttConfig
@@ -391,7 +392,7 @@ class BoardFeed:
         delay = 0.5
         while True:
             try:
-                async with aiomqtt.Client(
+                async with mqtt_client.Client(
                     self.mqtt.host,
                     self.mqtt.port,
                     username=self.mqtt.username or None,
