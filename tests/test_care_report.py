@@ -38,6 +38,9 @@ PEOPLE = {
 }
 
 
+SVG_NS = "http://www.w3.org/2000/svg"
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in list(os.environ):
@@ -167,7 +170,9 @@ def test_the_month_report_has_the_hand_counted_numbers_notes_csv_and_chart(
     assert note.output.startswith(f"note stored: {NOTES_PREFIX}care-a/")
 
     chart = tmp_path / "care.svg"
-    as_csv = invoke(env, "care", "report", "--month", "2026-11", "--csv", "--chart", str(chart))
+    as_csv = invoke(
+        env, "care", "report", "--month", "2026-11", "--csv", "--chart", str(chart), "--chart-lang", "en"
+    )
     assert as_csv.exit_code == 0, as_csv.output
     rows = rows_of(as_csv.output)
     assert set(rows) == set(EXPECTED)
@@ -190,11 +195,21 @@ def test_the_month_report_has_the_hand_counted_numbers_notes_csv_and_chart(
     # The chart is looked at, not only created: an SVG with every person's name as text.
     assert chart.stat().st_size > 1500
     svg = ET.parse(chart).getroot()
-    texts = ["".join(el.itertext()) for el in svg.iter("{http://www.w3.org/2000/svg}text")]
+    texts = ["".join(el.itertext()) for el in svg.iter(f"{{{SVG_NS}}}text")]
     for agent, person in PEOPLE.items():
         assert f"{person} ({agent})" in texts, texts
     assert any("follow-up waiting" in s and s.startswith("2 calls, 2.0 min") for s in texts), texts
     assert "<b>" not in chart.read_text(encoding="utf-8")  # the name's markup is text, not markup
+    # Japanese unless told otherwise: the meeting's chart speaks its language, the numbers the same.
+    chart_ja = tmp_path / "care-ja.svg"
+    assert invoke(env, "care", "report", "--month", "2026-11", "--chart", str(chart_ja)).exit_code == 0
+    texts_ja = ["".join(el.itertext()) for el in ET.parse(chart_ja).getroot().iter(f"{{{SVG_NS}}}text")]
+    assert "オペレーター別のカスハラ通話（2026-11）" in texts_ja, texts_ja
+    assert "フラグ (*1)" in texts_ja and "責任者呼び出し (*9)" in texts_ja, texts_ja
+    assert "2 件・2.0 分・フォローアップ待ち" in texts_ja, texts_ja
+    assert not any("calls" in s or "waiting" in s for s in texts_ja), texts_ja
+    bad = invoke(env, "care", "report", "--month", "2026-11", "--chart", str(chart_ja), "--chart-lang", "fr")
+    assert bad.exit_code == 2 and "fr" in bad.output, bad.output
 
     # Audited: the notes (naming the agent and the note's key, never its text) and the reports.
     async def audit_docs() -> list[dict[str, Any]]:
@@ -210,7 +225,9 @@ def test_the_month_report_has_the_hand_counted_numbers_notes_csv_and_chart(
     notes = [d for d in audit if d["action"] == "care_note"]
     assert sorted(d["target"]["agent"] for d in notes) == ["care-a", "care-b"]
     assert all("面談" not in json.dumps(d, ensure_ascii=False) for d in audit)
-    assert len([d for d in audit if d["action"] == "care_report"]) == 2
+    assert (
+        len([d for d in audit if d["action"] == "care_report"]) == 3
+    )  # csv+chart (en), the table, the Japanese chart
 
 
 def test_report_and_note_are_refused_without_the_supervisor_or_admin_role(

@@ -146,7 +146,17 @@ async def test_page_csv_and_chart_have_the_hand_counted_numbers(stack: Stack) ->
         hostile = [s for s in texts if s.endswith("(care-e)")]
         assert len(hostile) == 1 and hostile[0].startswith("<img src=x"), texts  # cut to the label column
         assert b"<img" not in chart.content and "\u202e" not in chart.text
-        assert "オペレーター別のカスハラ通話 2026-11" in texts  # the page's language (Japanese by default)
+        assert "オペレーター別のカスハラ通話（2026-11）" in texts  # the page's language (Japanese by default)
+        assert "フラグ (*1)" in texts and not any("calls" in s or "waiting" in s for s in texts), texts
+        # An English reader's chart is English through and through, the same numbers.
+        english = await sup.get("/care/chart.svg?month=2026-11", headers={"accept-language": "en"})
+        texts_en = [
+            "".join(el.itertext())
+            for el in ET.fromstring(english.content).iter("{http://www.w3.org/2000/svg}text")
+        ]
+        assert "Harassment calls per agent, 2026-11" in texts_en and "flags (*1)" in texts_en, texts_en
+        assert not any("件" in s or "フォローアップ" in s for s in texts_en), texts_en
+        assert sorted(s for s in texts if "(care-" in s) == sorted(s for s in texts_en if "(care-" in s)
 
         page = await sup.get("/care?month=2026-11")
         assert page.status_code == 200

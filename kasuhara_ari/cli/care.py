@@ -81,7 +81,17 @@ async def _audit(cfg: Config, store: MinioStore, action: str, by: str, **target:
 @click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout instead of the table.")
 @click.option("--json", "as_json", is_flag=True, help="JSON on stdout instead of the table.")
 @click.option("--chart", "chart", type=click.Path(dir_okay=False), help="Also write an SVG bar chart here.")
-def report_cmd(config_path: str | None, month: str, as_csv: bool, as_json: bool, chart: str | None) -> None:
+@click.option(
+    "--chart-lang",
+    "chart_lang",
+    type=click.Choice(["ja", "en"]),
+    default="ja",
+    show_default=True,
+    help="The chart's language.",
+)
+def report_cmd(
+    config_path: str | None, month: str, as_csv: bool, as_json: bool, chart: str | None, chart_lang: str
+) -> None:
     """Per agent: harassment calls (flags, warnings, escalations, detections) and minutes in them over
     a month, and who needs a manager's follow-up (followed up / waiting)."""
     cfg = load_config(config_path)
@@ -104,7 +114,8 @@ def report_cmd(config_path: str | None, month: str, as_csv: bool, as_json: bool,
             store.close()
         if chart:
             try:
-                await asyncio.to_thread(Path(chart).write_text, render_svg(rep), encoding="utf-8")
+                svg = render_svg(rep, language=chart_lang)
+                await asyncio.to_thread(Path(chart).write_text, svg, encoding="utf-8")
             except OSError as exc:
                 fail(EXIT_FAILED, f"cannot write the chart {chart}: {exc.strerror}")
         if as_csv:

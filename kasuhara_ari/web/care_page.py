@@ -145,7 +145,7 @@ class CarePages:
         got = await self.month_report(request, "svg")
         if isinstance(got, Response):
             return got
-        _allowed, month, rep = got
+        _allowed, _month, rep = got
         # Names from the config are made printable first (a bidi override would reverse the chart's text)
         # and short enough for the chart's label column.
         shown = CareReport(
@@ -157,9 +157,8 @@ class CarePages:
                 for r in rep.agents
             ],
         )
-        title = MESSAGES[self.c.language(request)]["care_chart_title"].format(month=month)
         return Response(
-            render_svg(shown, title=title).encode("utf-8"),
+            render_svg(shown, language=self.c.language(request)).encode("utf-8"),
             media_type="image/svg+xml; charset=utf-8",
             headers={"cache-control": "private, no-store"},
         )
