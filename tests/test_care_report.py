@@ -283,3 +283,21 @@ def test_the_minutes_threshold_alone_asks_for_a_follow_up() -> None:
     note = Note("a", "2026-11-20T10:00:00.000+09:00", "boss", "ok")
     done = build_report("2026-11", docs, [note], care=care, people={}, month_start=start)
     assert done.agents[0].status == "followed up"
+
+
+def test_the_chart_in_each_language_with_a_single_call_and_wide_legend() -> None:
+    from kasuhara_ari.care.chart import WORDS, render_svg
+    from kasuhara_ari.care.report import CareReport, Exposure
+
+    rep = CareReport("2026-11", [Exposure("a1", "佐藤", calls=3, harassment_calls=1, flags=1, seconds=90)])
+    for lang, row in (("en", "1 call, 1.5 min"), ("ja", "1 件・1.5 分")):
+        root = ET.fromstring(render_svg(rep, language=lang))
+        texts = ["".join(el.itertext()) for el in root.iter(f"{{{SVG_NS}}}text")]
+        assert row in texts, texts
+        assert WORDS[lang].title.format(month="2026-11") in texts
+        # The legend fits: the drawing is at least as wide as its legend's last entry ends.
+        end = WORDS[lang].legend[-1]
+        last = next(el for el in root.iter(f"{{{SVG_NS}}}text") if el.text == end)
+        assert float(root.get("width", "0")) >= float(last.get("x", "0")) + 8 * len(end)
+    with pytest.raises(KeyError):
+        render_svg(rep, language="fr")

@@ -198,6 +198,13 @@ async def test_supervisor_reads_the_page_and_records_a_follow_up(
     assert await page.locator("p.notice").inner_text() == "フォローアップを記録しました。"
     status = await page.locator('#care-rows tr[data-agent="care-b"] td.status').inner_text()
     assert status.startswith("対応済み") and f"web:{SUPERVISOR}" in status
+    # The same page and chart for an English reader (looked at: the screenshot).
+    await page.get_by_role("button", name="English").click()
+    await page.wait_for_function("() => document.documentElement.lang === 'en'")
+    assert await page.locator("h1").inner_text() == "Care report per agent 2026-11"  # the month kept
+    assert await row_b.locator("td.harassment").inner_text() == "2"
+    await page.wait_for_function("() => document.getElementById('care-chart').naturalWidth > 400")
+    await watched.screenshot(page, "care-en")
     watched.assert_clean()
 
     notes = [r for r in await audit_records(stack) if r["action"] == "care_note"]

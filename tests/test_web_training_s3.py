@@ -185,6 +185,19 @@ async def test_admin_makes_a_clip_a_supervisor_plays_and_exports_it(
         await page.locator("#do-training-export").click()
     saved = tmp_path / "clips.zip"
     await (await info.value).save_as(saved)
+    await page.get_by_role("button", name="English").click()
+    await page.wait_for_function("() => document.documentElement.lang === 'en'")
+    assert await page.locator("#training-rows audio").count() >= 1
+    # No header is broken inside a word ("Sele / ct"): a one-word header is one line.
+    split = await page.evaluate(
+        """() => [...document.querySelectorAll('table.results th')]
+            .filter(th => !/\\s/.test(th.textContent.trim()))
+            .filter(th => { const r = document.createRange(); r.selectNodeContents(th);
+                            return r.getClientRects().length > 1; })
+            .map(th => th.textContent.trim())"""
+    )
+    assert split == [], split
+    await watched.screenshot(page, "training-en")
     watched.assert_clean()
 
     with zipfile.ZipFile(saved) as zf:

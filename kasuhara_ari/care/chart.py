@@ -30,6 +30,7 @@ class ChartWords:
     legend: tuple[str, str, str, str]  # flags, warnings, escalations, detections
     no_agents: str
     row: str
+    row_one: str  # the same for exactly one call (English has a singular)
     waiting: str
     followed_up: str
 
@@ -40,6 +41,7 @@ WORDS: dict[str, ChartWords] = {
         legend=("フラグ (*1)", "警告 (*2/*3)", "責任者呼び出し (*9)", "自動検知"),
         no_agents="該当するオペレーターはいません",
         row="{calls} 件・{minutes} 分",
+        row_one="{calls} 件・{minutes} 分",
         waiting="・フォローアップ待ち",
         followed_up="・フォローアップ済み",
     ),
@@ -48,6 +50,7 @@ WORDS: dict[str, ChartWords] = {
         legend=("flags (*1)", "warnings (*2/*3)", "escalations (*9)", "detections"),
         no_agents="no agents",
         row="{calls} calls, {minutes} min",
+        row_one="{calls} call, {minutes} min",
         waiting=" — follow-up waiting",
         followed_up=" — followed up",
     ),
@@ -105,7 +108,8 @@ def render_svg(report: CareReport, *, title: str = "", language: str = "ja") -> 
                 bx += w
         status = {"waiting": words.waiting, "followed up": words.followed_up}.get(r.status, "")
         colour = "#c0392b" if r.status == "waiting" else "#333333"
-        text = words.row.format(calls=r.harassment_calls, minutes=f"{r.minutes:.1f}") + status
+        row = words.row_one if r.harassment_calls == 1 else words.row
+        text = row.format(calls=r.harassment_calls, minutes=f"{r.minutes:.1f}") + status
         out.append(f'<text x="{bx + 6:.1f}" y="{y + 17}" fill={quoteattr(colour)}>{escape(text)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

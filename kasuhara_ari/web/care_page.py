@@ -128,7 +128,7 @@ class CarePages:
             csrf=allowed.csrf,
             account=allowed.account,
             role=allowed.role.value,
-            here="/care",
+            here=f"/care?month={quote(month)}",  # the language switch keeps the month on screen
             month=month,
             month_q=quote(month),
             rows=rep.agents,
