@@ -703,7 +703,8 @@ class MqttEvents:
         return min(limit, remaining)
 
     async def _session(self) -> None:
-        """One connection: online, drain until closing, offline. Raises MqttError when it breaks."""
+        """One session (the connection, and the node's will connection): online, drain until closing,
+        offline. Raises MqttError when either breaks."""
         self._connected_once_in_session = False
         connected_at = now_iso()
         client = mqtt_client.Client(
@@ -722,43 +723,73 @@ class MqttEvents:
             logger=logging.getLogger(f"{__name__}.aiomqtt"),
         )
         client.pending_calls_threshold = self._window + 1  # a full window is normal, not a warning
-        async with client:
-            self._connected = True
-            self._connected_once_in_session = True
-            self._connections += 1
-            log.info(
-                "mqtt.connected host=%s port=%d buffered=%d", self._host, self._port, self.stats.buffered
-            )
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(client)
+            node_will = self._node_will_client(connected_at)
+            if node_will is not None:
+                await stack.enter_async_context(node_will)
+            await self._connected_session(client, node_will)
+
+    def _node_will_client(self, connected_at: str) -> aiomqtt.Client | None:
+        """A second, idle connection whose only job is the last will on ``<prefix>/status/<node>``.
+
+        MQTT allows one will per connection, and the main one keeps DESIGN.md's ``<prefix>/status``:
+        without this a node that died (SIGKILL, power) stayed "online" on its own topic until it ran again.
+        """
+        if self.node_status_topic is None:
+            return None
+        return mqtt_client.Client(
+            self._host,
+            self._port,
+            username=self._username or None,
+            password=self._password or None,
+            identifier=f"{self._client_id}-will",
+            tls_context=self._tls_context,
+            keepalive=self._keepalive_s,
+            timeout=self._timeout(self._connect_timeout_s),
+            will=aiomqtt.Will(
+                self.node_status_topic, self._status("offline", "connection lost", connected_at), 1, True
+            ),
+            logger=logging.getLogger(f"{__name__}.aiomqtt"),
+        )
+
+    async def _connected_session(self, client: aiomqtt.Client, node_will: aiomqtt.Client | None) -> None:
+        """Online, drain until closing, offline (both connections are up)."""
+        self._connected = True
+        self._connected_once_in_session = True
+        self._connections += 1
+        log.info("mqtt.connected host=%s port=%d buffered=%d", self._host, self._port, self.stats.buffered)
+        try:
             try:
-                try:
-                    await self._publish_status(
-                        client, self._status("online", "connected"), self._timeout(self._publish_timeout_s)
-                    )
-                    with self._lock:
-                        # The broker may have lost the retained snapshots (restarted without
-                        # persistence): every live call's goes out again.
-                        for live_id in self._live.calls:
-                            self._live_dirty[live_id] = None
-                    async with asyncio.TaskGroup() as tg:
-                        watcher = tg.create_task(self._watch(client))
-                        await self._drain(client)
+                await self._publish_status(
+                    client, self._status("online", "connected"), self._timeout(self._publish_timeout_s)
+                )
+                with self._lock:
+                    # The broker may have lost the retained snapshots (restarted without
+                    # persistence): every live call's goes out again.
+                    for live_id in self._live.calls:
+                        self._live_dirty[live_id] = None
+                async with asyncio.TaskGroup() as tg:
+                    watchers = [tg.create_task(self._watch(c)) for c in (client, node_will) if c]
+                    await self._drain(client)
+                    for watcher in watchers:
                         watcher.cancel()
-                except* _CloseDeadline:
-                    pass
-            except asyncio.CancelledError:
-                # Cancelled from outside: a graceful DISCONNECT would swallow the last will, so say
-                # offline ourselves (briefly) before aiomqtt disconnects.
-                with contextlib.suppress(Exception):
-                    await self._publish_status(client, self._status("offline", "cancelled"), 1.0)
-                raise
-            # Closing: either everything is flushed, or close()'s timeout ran out. Offline gets a short
-            # grace period either way; if it fails the connection is broken and the will says offline.
-            await self._publish_status(
-                client,
-                self._status("offline", "shutdown"),
-                max(1.0, min(self._publish_timeout_s, self._remaining())),
-            )
-            log.info("mqtt.closed published=%d dropped=%d", self._published, self._dropped)
+            except* _CloseDeadline:
+                pass
+        except asyncio.CancelledError:
+            # Cancelled from outside: a graceful DISCONNECT would swallow the last will, so say
+            # offline ourselves (briefly) before aiomqtt disconnects.
+            with contextlib.suppress(Exception):
+                await self._publish_status(client, self._status("offline", "cancelled"), 1.0)
+            raise
+        # Closing: either everything is flushed, or close()'s timeout ran out. Offline gets a short
+        # grace period either way; if it fails the connection is broken and the will says offline.
+        await self._publish_status(
+            client,
+            self._status("offline", "shutdown"),
+            max(1.0, min(self._publish_timeout_s, self._remaining())),
+        )
+        log.info("mqtt.closed published=%d dropped=%d", self._published, self._dropped)
 
     def _remaining(self) -> float:
         if self._close_deadline is None:

@@ -21,7 +21,8 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -478,12 +479,13 @@ PUBLISHER = textwrap.dedent(
     from kasuhara_ari.events import MqttEvents
 
     async def main():
-        events = MqttEvents(port=int(sys.argv[1]), topic_prefix=sys.argv[2], keepalive_s=1)
+        node = sys.argv[3] if len(sys.argv) > 3 else None
+        events = MqttEvents(port=int(sys.argv[1]), topic_prefix=sys.argv[2], keepalive_s=1, node=node)
         async with events:
             events.emit("caller_hungup", "c1")
             while events.stats.published < 1:
                 await asyncio.sleep(0.02)
-            print("published", flush=True)
+            print("published", events.boot, flush=True)
             await asyncio.sleep(3600)
 
     asyncio.run(main())
@@ -491,21 +493,26 @@ PUBLISHER = textwrap.dedent(
 )
 
 
-@pytest.mark.integration
-async def test_last_will_says_offline_when_the_process_is_killed(mosquitto: Mosquitto, prefix: str) -> None:
+@contextlib.asynccontextmanager
+async def publisher_process(port: int, prefix: str, *node: str) -> AsyncIterator[tuple[Process, str]]:
+    """A process publishing through MqttEvents (one event out), to be killed; yields it and its boot."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        PUBLISHER,
-        str(mosquitto.port),
-        prefix,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-c", PUBLISHER, str(port), prefix, *node, cwd=REPO, stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert line.strip() == b"published"
+        assert line.split()[0] == b"published", line
+        yield proc, line.split()[1].decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.integration
+async def test_last_will_says_offline_when_the_process_is_killed(mosquitto: Mosquitto, prefix: str) -> None:
+    async with publisher_process(mosquitto.port, prefix) as (proc, _boot):
         async with Collector(mosquitto.port, prefix) as sub:
             await sub.wait_for(lambda c: [s["state"] for s in c.statuses()] == ["online"])
             proc.send_signal(signal.SIGKILL)
@@ -515,10 +522,29 @@ async def test_last_will_says_offline_when_the_process_is_killed(mosquitto: Mosq
         assert (will["state"], will["reason"]) == ("offline", "connection lost")
         validate_event(will)
         assert (await retained_status(mosquitto.port, prefix))["state"] == "offline"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+
+
+@pytest.mark.integration
+async def test_a_killed_node_says_offline_on_its_own_status_too(mosquitto: Mosquitto, prefix: str) -> None:
+    """One will per MQTT connection: the node's own ``status/<node>`` has its own (a second connection);
+    without it a node that died stayed "online" there, and its calls on the board with it."""
+    async with publisher_process(mosquitto.port, prefix, "pbx-k") as (proc, boot):
+        mine = await retained_status(mosquitto.port, prefix, "pbx-k")
+        assert (mine["state"], mine["boot"]) == ("online", boot)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        deadline = time.monotonic() + 20
+        while (mine := await retained_status(mosquitto.port, prefix, "pbx-k"))["state"] == "online":
+            assert time.monotonic() < deadline, mine
+            await asyncio.sleep(0.1)
+        assert (mine["state"], mine["reason"], mine["node"], mine["boot"]) == (
+            "offline",
+            "connection lost",
+            "pbx-k",
+            boot,
+        )
+        validate_event(mine)
+        assert (await retained_status(mosquitto.port, prefix))["state"] == "offline"
 
 
 @pytest.mark.integration
