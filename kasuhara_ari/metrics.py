@@ -67,6 +67,23 @@ CALLS_ENDED = Counter(
 CALLS_ACTIVE = Gauge(
     "kasuhara_calls_active", "Calls in progress, by direction.", ["direction"], registry=REGISTRY
 )
+#: How late Asterisk's StasisStart for a new call reached the app (kasuhara_ari/overload.py).
+STASIS_START_LATENESS = Histogram(
+    "kasuhara_stasis_start_lateness_seconds",
+    "How late a new call's StasisStart reached the app (after the clock offset).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+OVERLOADED = Gauge(
+    "kasuhara_overloaded",
+    "1 while new calls reach the app late (the box is past its limit).",
+    registry=REGISTRY,
+)
+OVERLOAD_EPISODES = Counter(
+    "kasuhara_overload_episodes",
+    "Times the box became overloaded (see kasuhara_overloaded).",
+    registry=REGISTRY,
+)
 NOTICE_FAILURES = Counter(
     "kasuhara_notice_failures",
     "Calls whose recording notice did not play to the end (the caller hung up during it is not one).",

@@ -25,8 +25,9 @@ from .care.cooldown import CooldownKeeper, channel_endpoint
 from .config import Config
 from .detection import configured_factories
 from .detection.media import MediaReceiver
-from .events import EventSink
+from .events import EventSink, StatusDetails
 from .outbound import OutboundCall
+from .overload import OverloadWatch
 from .recording import Recorder
 from .safe import safe_call_id
 
@@ -93,6 +94,8 @@ class StasisApp:
         self.connected = asyncio.Event()
         self.finished_calls = 0
         self.handed_over = 0
+        #: How late new calls reach us: says when the box is overloaded (log, metric, status detail).
+        self.overload = OverloadWatch(events if isinstance(events, StatusDetails) else None)
 
     def _claim(self, channel_id: str, call: Call) -> None:
         self._by_channel[channel_id] = call
@@ -142,6 +145,7 @@ class StasisApp:
             self._spawn(self._return_to_dialplan(channel.id), "return")
 
     def _start_call(self, event: Event, channel: Channel, args: list[str]) -> None:
+        self.overload.observe(event.get("timestamp"))
         linkedid = str((event.get("channel") or {}).get("linkedid") or channel.id)
         try:
             call_id = safe_call_id(linkedid)

@@ -152,6 +152,9 @@ async def test_call_is_announced_recorded_and_bridged(
         await agent.stop()
 
     (call_id,) = await wait_for_calls(running_service, 1, port)
+    # Asterisk's StasisStart carries a timestamp the overload watch reads (one call, a quiet box: on time).
+    watch = running_service.app.overload
+    assert len(watch._recent) == 1 and not watch.overloaded
     names = event_names(running_service, call_id)
     assert names == [
         "started",

@@ -332,7 +332,7 @@ def _promtool() -> str:
 def test_the_alert_rules_pass_promtool_check() -> None:
     proc = subprocess.run([_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 8 rules found" in proc.stdout
+    assert "SUCCESS: 9 rules found" in proc.stdout
 
 
 def _expected(alert: str, instance: str, value: str = "") -> dict[str, Any]:
@@ -363,8 +363,16 @@ def test_the_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
                 "input_series": [
                     {"series": f"kasuhara_ari_connected{{{serve}}}", "values": "1 1 0 0 0 0 0"},
                     {"series": f"kasuhara_notice_failures_total{{{serve}}}", "values": "0 0 1 1 1 1 1"},
+                    # overloaded from minute 2 on, another node only for one minute (not long enough)
+                    {"series": f"kasuhara_overloaded{{{serve}}}", "values": "0 0 1 1 1 1 1"},
+                    {"series": f"kasuhara_overloaded{{{young}}}", "values": "0 0 0 0 0 1 0"},
                 ],
                 "alert_rule_test": [
+                    {
+                        "eval_time": "6m",
+                        "alertname": "KasuharaBoxOverloaded",
+                        "exp_alerts": [_expected("KasuharaBoxOverloaded", "pbx:9464")],
+                    },
                     {
                         "eval_time": "6m",
                         "alertname": "KasuharaAriDisconnected",
