@@ -424,7 +424,7 @@ class App:
                 await asyncio.sleep(0.2)
         raise RuntimeError("kasuhara serve did not register its Stasis app within 20 s")
 
-    def start_profiler(self, out: Path) -> None:
+    def start_profiler(self, out: Path, rate: int = 100) -> None:
         assert self.proc is not None
         spy = Path(sys.executable).with_name("py-spy")
         if not spy.exists():
@@ -436,7 +436,7 @@ class App:
                 "-p",
                 str(self.proc.pid),
                 "-r",
-                "100",
+                str(rate),
                 "--gil",
                 "-o",
                 str(out),
@@ -667,7 +667,7 @@ async def run_level(
             sampler.sipp_pids.add(p.proc.pid)
     profile = workdir / f"profile-{tag}.txt"
     if app and args.profile:
-        app.start_profiler(profile)
+        app.start_profiler(profile, args.profile_rate)
     try:
         rc = await phone.wait(timeout_s + 30)
     except AssertionError as exc:
@@ -1108,6 +1108,7 @@ def main() -> None:
     ap.add_argument("--no-storage", dest="storage", action="store_false", help="app without S3 upload")
     ap.add_argument("--no-mqtt", dest="mqtt", action="store_false", help="app without MQTT events")
     ap.add_argument("--profile", action="store_true", help="py-spy the app during each app run (work dir)")
+    ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     ap.add_argument("--drain-timeout", type=float, default=120.0, help="wait for recordings/uploads (s)")
     ap.add_argument("--pause", type=float, default=3.0, help="pause between runs (s)")
     ap.add_argument("--workdir", default="", help="default /tmp/kasuhara-bench-load-<random>")
