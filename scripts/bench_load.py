@@ -488,7 +488,7 @@ PROFILE_CATEGORIES = (
 )
 
 
-def profile_summary(path: Path, top: int = 15) -> str:
+def profile_summary(path: Path, top: int = 15, rate: int = 100) -> str:
     """A py-spy ``raw`` profile (collapsed stacks, GIL holder only) by category, then the hottest code."""
     own: dict[str, int] = {}
     cats: dict[str, int] = {}
@@ -508,7 +508,8 @@ def profile_summary(path: Path, top: int = 15) -> str:
         cats[cat] = cats.get(cat, 0) + n
     if not total:
         return f"{path.name}: no samples"
-    out = [f"{path.name}: {total} samples at 100 Hz of the thread holding the GIL ≈ {total / 100:.1f} CPU-s"]
+    cpu_s = total / rate
+    out = [f"{path.name}: {total} samples at {rate} Hz of the thread holding the GIL ≈ {cpu_s:.1f} CPU-s"]
     out += [f"  {100 * n / total:5.1f} %  {c}" for c, n in sorted(cats.items(), key=lambda x: -x[1])]
     out.append("  hottest functions (self):")
     out += [f"  {100 * n / total:5.1f} %  {f}" for f, n in sorted(own.items(), key=lambda x: -x[1])[:top]]
@@ -739,8 +740,9 @@ async def run_level(
                 result.rec_ok += abs(info.duration_s - c.talk_s) <= TOLERANCE_S
         app.stop_profiler()
         if args.profile and profile.exists():
-            (workdir / f"profile-{tag}-summary.txt").write_text(profile_summary(profile, top=40))
-            print(profile_summary(profile), flush=True)
+            summary = profile_summary(profile, top=40, rate=args.profile_rate)
+            (workdir / f"profile-{tag}-summary.txt").write_text(summary)
+            print(profile_summary(profile, rate=args.profile_rate), flush=True)
     if deltas:
         result.rec_worst_delta_s = max(deltas, key=abs)
 
